@@ -1,0 +1,273 @@
+"""Swin Transformer v1 (patch 4, window 7) in Flax NNX, returning the four stage features.
+
+Computes what timm's `swin_*_patch4_window7_224` computes with `features_only=True`
+(SPEC 1.1): NHWC throughout, exact (erf) GELU, LayerNorm eps 1e-5, no final norm.
+Parameter names follow timm's so that `weights.py` maps them one to one.
+
+Dropout-like randomness (drop path) is drawn from an explicit `rngs` argument at call
+time; the modules hold no RNG state, so `nnx.state(model)` is parameters only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from smartiqa_jax.models.variants import Variant
+
+WINDOW = 7
+PATCH = 4
+LN_EPS = 1e-5
+
+_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
+_zeros = nnx.initializers.zeros_init()
+
+
+def torch_default_bias_init(fan_in: int):
+    """PyTorch's default bias init for Linear/Conv: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+# PyTorch's default weight init (kaiming_uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
+torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def linear(din: int, dout: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=None) -> nnx.Linear:
+    """A Linear initialised the way timm initialises Swin's: trunc-normal 0.02, zero bias."""
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_trunc_normal, bias_init=_zeros,
+                      dtype=dtype, rngs=rngs)
+
+
+def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Always fp32: normalising in bf16 loses too much.
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=jnp.float32, rngs=rngs)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, as PyTorch's nn.GELU (jax.nn.gelu defaults to the tanh approximation)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class DropPath(nnx.Module):
+    """Stochastic depth: drops a whole residual branch per sample with probability `rate`.
+
+    Kept samples are scaled by 1/(1-rate) (timm's scale_by_keep). Deterministic when
+    `self.deterministic` is set (model.eval()) or the rate is 0.
+    """
+
+    def __init__(self, rate: float):
+        self.rate = float(rate)
+        self.deterministic = False
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
+        if self.deterministic or self.rate == 0.0:
+            return x
+        if rngs is None:
+            raise ValueError('DropPath in training mode needs `rngs` with a "dropout" stream; '
+                             'call model.eval() for deterministic inference.')
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(window: int) -> np.ndarray:
+    """(window**2, window**2) int32 index into the (2*window-1)**2-row bias table."""
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing='ij'))
+    coords = coords.reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+    rel = rel + (window - 1)
+    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).astype(np.int32)
+
+
+def window_partition(x: jax.Array, window: int) -> jax.Array:
+    """(B, H, W, C) -> (B, num_windows, window*window, C), windows in row-major order."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // window, window, w // window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_reverse(x: jax.Array, window: int, h: int, w: int) -> jax.Array:
+    """Inverse of `window_partition`: (B, num_windows, window*window, C) -> (B, H, W, C)."""
+    b, _, _, c = x.shape
+    x = x.reshape(b, h // window, w // window, window, window, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+@functools.lru_cache(maxsize=None)
+def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
+    """(num_windows, N, N) additive mask: -100 between tokens of different shifted regions."""
+    region = np.zeros((1, h, w, 1), np.float32)
+    count = 0
+    bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for hs in bounds:
+        for ws in bounds:
+            region[:, hs, ws, :] = count
+            count += 1
+    windows = np.asarray(window_partition(region, window))[0, :, :, 0]  # (nW, N)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
+
+
+class WindowAttention(nnx.Module):
+    """Multi-head self-attention inside 7x7 windows with a learned relative position bias."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.proj = linear(dim, dim, rngs=rngs, dtype=dtype)
+        self.relative_position_bias_table = nnx.Param(
+            _trunc_normal(rngs.params(), ((2 * WINDOW - 1) ** 2, num_heads), jnp.float32))
+
+    def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+        """x: (B, num_windows, N, C) -> same shape; mask: (num_windows, N, N) or None."""
+        b, nw, n, c = x.shape
+        heads = self.num_heads
+        qkv = self.qkv(x).reshape(b, nw, n, 3, heads, c // heads)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        logits = jnp.einsum('bwnhd,bwmhd->bwhnm', q * self.scale, k,
+                            preferred_element_type=jnp.float32)
+        index = relative_position_index(WINDOW)
+        bias = self.relative_position_bias_table[...][index.reshape(-1)]
+        logits = logits + bias.reshape(n, n, heads).transpose(2, 0, 1)
+        if mask is not None:
+            logits = logits + mask[None, :, None]
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        out = jnp.einsum('bwhnm,bwmhd->bwnhd', probs, v).reshape(b, nw, n, c)
+        return self.proj(out)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None):
+        self.fc1 = linear(dim, 4 * dim, rngs=rngs, dtype=dtype)
+        self.fc2 = linear(4 * dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu(self.fc1(x)))
+
+
+class SwinBlock(nnx.Module):
+    """x + DropPath(W-MSA(LN(x))); x + DropPath(MLP(LN(x))), with an optional cyclic shift."""
+
+    def __init__(self, dim: int, num_heads: int, resolution: int, shift: int, drop_path: float,
+                 *, rngs: nnx.Rngs, dtype=None):
+        self.resolution = resolution
+        # A stage no larger than a window attends globally and never shifts (timm does the same).
+        self.shift = 0 if resolution <= WINDOW else shift
+        self.norm1 = layer_norm(dim, rngs=rngs)
+        self.attn = WindowAttention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(dim, rngs=rngs)
+        self.mlp = Mlp(dim, rngs=rngs, dtype=dtype)
+        self.drop_path = DropPath(drop_path)
+
+    def _attention(self, x: jax.Array) -> jax.Array:
+        _, h, w, _ = x.shape
+        shift = self.shift
+        mask = None
+        if shift:
+            x = jnp.roll(x, (-shift, -shift), axis=(1, 2))
+            mask = shifted_window_mask(h, w, WINDOW, shift)
+        x = window_reverse(self.attn(window_partition(x, WINDOW), mask), WINDOW, h, w)
+        if shift:
+            x = jnp.roll(x, (shift, shift), axis=(1, 2))
+        return x
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        compute = self.mlp.fc1.dtype or x.dtype
+        x = x + self.drop_path(self._attention(self.norm1(x).astype(compute)), rngs)
+        x = x + self.drop_path(self.mlp(self.norm2(x).astype(compute)), rngs)
+        return x
+
+
+class PatchMerging(nnx.Module):
+    """2x2 neighbourhood -> one token: concat (r0c0, r1c0, r0c1, r1c1), LayerNorm, Linear 4C->2C."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None):
+        self.norm = layer_norm(4 * dim, rngs=rngs)
+        self.reduction = linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
+        return self.reduction(self.norm(x.reshape(b, h // 2, w // 2, 4 * c)))
+
+
+class PatchEmbed(nnx.Module):
+    """4x4 stride-4 conv 3->C, then LayerNorm."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None):
+        fan_in = 3 * PATCH * PATCH
+        self.proj = nnx.Conv(3, dim, (PATCH, PATCH), strides=(PATCH, PATCH), padding='VALID',
+                             kernel_init=torch_default_kernel_init,
+                             bias_init=torch_default_bias_init(fan_in), dtype=dtype, rngs=rngs)
+        self.norm = layer_norm(dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.norm(self.proj(x))
+
+
+class SwinStage(nnx.Module):
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, resolution: int,
+                 drop_paths: list[float], *, rngs: nnx.Rngs, dtype=None):
+        self.downsample = PatchMerging(in_dim, rngs=rngs, dtype=dtype) if in_dim != dim else None
+        self.blocks = nnx.List([
+            SwinBlock(dim, num_heads, resolution, shift=0 if i % 2 == 0 else WINDOW // 2,
+                      drop_path=drop_paths[i], rngs=rngs, dtype=dtype)
+            for i in range(depth)
+        ])
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block in self.blocks:
+            x = block(x, rngs)
+        return x
+
+
+class SwinTransformer(nnx.Module):
+    """Swin v1 backbone. `__call__` maps (B, 224, 224, 3) to the four raw stage outputs.
+
+    Args:
+      variant: widths, depths and heads (models/variants.py).
+      drop_path_rate: stochastic depth at the last block; rises linearly from 0.
+      img_size: input side; every stage must tile into 7x7 windows (224 does).
+      dtype: compute dtype (None: follow the input; jnp.bfloat16 for mixed precision).
+        Parameters stay fp32.
+    """
+
+    def __init__(self, variant: Variant, *, drop_path_rate: float = 0.0, img_size: int = 224,
+                 rngs: nnx.Rngs, dtype=None):
+        dims = variant.stage_dims
+        resolutions = [img_size // PATCH // 2**i for i in range(4)]
+        for r in resolutions:
+            if r % WINDOW and r > WINDOW:
+                raise ValueError(f'img_size {img_size} gives a {r}x{r} stage that does not tile '
+                                 f'into {WINDOW}x{WINDOW} windows; use 224')
+        rates = np.linspace(0.0, drop_path_rate, sum(variant.depths)).tolist()
+        self.patch_embed = PatchEmbed(dims[0], rngs=rngs, dtype=dtype)
+        stages = []
+        for i in range(4):
+            start = sum(variant.depths[:i])
+            stages.append(SwinStage(dims[max(i - 1, 0)], dims[i], variant.depths[i],
+                                    variant.num_heads[i], resolutions[i],
+                                    rates[start:start + variant.depths[i]], rngs=rngs, dtype=dtype))
+        self.layers = nnx.List(stages)
+
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
+        """x: (B, H, W, 3) normalised -> [(B,H/4,W/4,C), (B,H/8,W/8,2C), (B,H/16,W/16,4C), (B,H/32,W/32,8C)]."""
+        x = self.patch_embed(x)
+        features = []
+        for stage in self.layers:
+            x = stage(x, rngs)
+            features.append(x)
+        return features
