@@ -254,7 +254,9 @@ def assign(model: nnx.Module, values: Mapping[Path, np.ndarray]) -> None:
 def export_state_dict(model: SmartIQA) -> dict[str, np.ndarray]:
     """The model's parameters under the released PyTorch names and shapes (fp32 numpy)."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    return {e.torch_key: np.ascontiguousarray(e.rule.to_torch(np.asarray(flat[e.jax_path].get_value())))
+    # np.array copies: the result is writable and owns its memory (torch.from_numpy wants that).
+    return {e.torch_key: np.array(e.rule.to_torch(np.asarray(flat[e.jax_path].get_value())),
+                                  dtype=np.float32, order='C')
             for e in name_map(model.config)}
 
 

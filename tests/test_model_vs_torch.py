@@ -1,0 +1,98 @@
+"""The whole SMART-IQA model against the PyTorch reference of the released model, both ways."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from smartiqa_jax import weights
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from smartiqa_jax.torch_reference import SmartIQATorch
+
+ATOL = 1e-4
+
+
+def randomised_reference(variant, fusion, seed=0):
+    """A reference model whose every parameter matters: random biases and norms, and stage
+    attention scaled up so that its softmax is far from uniform."""
+    torch.manual_seed(seed)
+    model = SmartIQATorch(variant, fusion)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('bias') or 'norm' in name:
+                p.add_(0.1 * torch.randn_like(p))
+            if name.startswith('multiscale_attention'):
+                p.mul_(100.0)
+    return model.eval()
+
+
+def images(batch, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 224, 224, 3)).astype(np.float32)
+
+
+def torch_outputs(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x).permute(0, 3, 1, 2))
+
+
+@jax.jit
+def jax_outputs(model, x):
+    return model.analyse(x)
+
+
+def assert_outputs_match(jax_out, torch_out):
+    np.testing.assert_allclose(np.asarray(jax_out['target_in']), torch_out['target_in'].numpy(),
+                               atol=ATOL, rtol=1e-4)
+    for i in range(1, 6):
+        for kind in 'wb':
+            np.testing.assert_allclose(
+                np.asarray(jax_out['target_params'][f'{kind}{i}']),
+                torch_out['target_params'][f'fc{i}{kind}'].numpy(), atol=ATOL, rtol=1e-4,
+                err_msg=f'{kind}{i}')
+    np.testing.assert_allclose(np.asarray(jax_out['score']), torch_out['score'].numpy(), atol=ATOL,
+                               rtol=0)
+    if torch_out['stage_weights'] is None:
+        assert jax_out['stage_weights'] is None
+    else:
+        np.testing.assert_allclose(np.asarray(jax_out['stage_weights']),
+                                   torch_out['stage_weights'].numpy(), atol=ATOL, rtol=0)
+
+
+CASES = [('tiny', f) for f in ('attention', 'multiscale', 'backbone')] + [
+    ('base', f) for f in ('attention', 'multiscale', 'backbone')]
+
+
+@pytest.mark.parametrize('variant,fusion', CASES)
+def test_import_pytorch_matches(variant, fusion):
+    reference = randomised_reference(variant, fusion)
+    model = weights.load_pytorch(reference.state_dict())
+    assert (model.config.variant, model.config.fusion) == (variant, fusion)
+    x = images(2 if variant == 'tiny' else 1)
+    expected = torch_outputs(reference, x)
+    if fusion == 'attention':  # the test is only as good as the attention is far from uniform
+        assert expected['stage_weights'].max() > 0.4
+    assert_outputs_match(jax_outputs(model, x), expected)
+
+
+@pytest.mark.parametrize('variant,fusion', [('tiny', 'attention'), ('tiny', 'backbone'),
+                                            ('base', 'multiscale')])
+def test_export_loads_strict_and_matches(variant, fusion, tmp_path):
+    model = SmartIQA(ModelConfig(variant, fusion), rngs=nnx.Rngs(3))
+    state = {k: torch.from_numpy(v) for k, v in weights.export_state_dict(model).items()}
+    reference = SmartIQATorch(variant, fusion).eval()
+    reference.load_state_dict(state, strict=True)
+    x = images(1, seed=1)
+    assert_outputs_match(jax_outputs(model, x), torch_outputs(reference, x))
+
+
+def test_round_trip_is_bit_identical(tmp_path):
+    model = SmartIQA(ModelConfig('tiny', 'attention'), rngs=nnx.Rngs(5))
+    path = tmp_path / 'model.pth'
+    torch.save({k: torch.from_numpy(v) for k, v in weights.export_state_dict(model).items()}, path)
+    back = weights.load_pytorch(path)
+    original = jax.tree.leaves(nnx.state(model, nnx.Param))
+    restored = jax.tree.leaves(nnx.state(back, nnx.Param))
+    assert len(original) == len(restored) == 210
+    for a, b in zip(original, restored):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
