@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from smartiqa_jax.models import swin
@@ -146,6 +147,11 @@ def target_network(params: dict[str, jax.Array], x: jax.Array, rate: float = 0.0
 # ----------------------------------------------------------------------------- the module
 
 
+@nnx.jit
+def _predict(model: 'SmartIQA', images: jax.Array) -> dict[str, jax.Array]:
+    return model(images)
+
+
 def _linear(din, dout, rngs, kernel_init=_kaiming_normal, bias_init=None, use_bias=True):
     return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=kernel_init,
                       bias_init=bias_init or swin.torch_default_bias_init(din), rngs=rngs)
@@ -204,9 +210,27 @@ class SmartIQA(nnx.Module):
         # NNX's eval()/train() set `deterministic` on every submodule that has the attribute.
         self.eval()
 
+    def set_view(self, deterministic: bool | None = None):
+        """Lets `nnx.view(model, deterministic=True)` give an eval view."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
     def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
         out = self.analyse(images, rngs)
         return {'score': out['score'], 'stage_weights': out['stage_weights']}
+
+    def predict(self, images) -> dict[str, np.ndarray | None]:
+        """Scores a batch in eval mode, jitted: (B, 224, 224, 3) normalised crops ->
+        {'score': (B,) on the label scale, 'stage_weights': (B, 4) or None} as numpy.
+
+        Each image's score depends only on that image (no batch statistics), so batch size
+        and neighbours do not change it beyond float rounding.
+        """
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 4 or images.shape[1:] != (224, 224, 3):
+            raise ValueError(f'predict expects (B, 224, 224, 3) NHWC crops, got {images.shape}')
+        out = _predict(nnx.view(self, deterministic=True), images)
+        return jax.tree.map(np.asarray, out)
 
     def analyse(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> dict[str, Any]:
         """Like `__call__`, plus 'stage_features', 'target_in' (B, 224), 'hyper_feature'

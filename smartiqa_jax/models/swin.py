@@ -68,6 +68,11 @@ class DropPath(nnx.Module):
         self.rate = float(rate)
         self.deterministic = False
 
+    def set_view(self, deterministic: bool | None = None):
+        """Lets `nnx.view(model, deterministic=True)` give an eval view."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None) -> jax.Array:
         if self.deterministic or self.rate == 0.0:
             return x

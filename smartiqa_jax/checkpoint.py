@@ -1,0 +1,130 @@
+"""Model checkpoints: an orbax directory with the parameters and the model's own config.
+
+Layout of a model checkpoint directory:
+  CKPT/params/         the nnx.Param state as a pure pytree (orbax StandardSave)
+  CKPT/model_config/   ModelConfig as JSON (variant, fusion, dropout, label scale...)
+
+Training checkpoints (train.py) store the same two items beside the optimiser state, so
+`load` also accepts one of their step directories or a whole training workdir.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+
+PARAMS = 'params'
+MODEL_CONFIG = 'model_config'
+
+
+class CheckpointError(ValueError):
+    """A path that holds no usable SMART-IQA checkpoint."""
+
+
+def _absolute(path: str | os.PathLike) -> Path:
+    # Orbax needs absolute paths (and reports a relative one late, from another thread).
+    return Path(path).expanduser().resolve()
+
+
+def params_pytree(model: nnx.Module) -> dict:
+    """The model's parameters as a nested dict of arrays, with string keys (orbax-friendly)."""
+    return _stringify(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _stringify(tree):
+    if isinstance(tree, dict):
+        return {str(k): _stringify(v) for k, v in tree.items()}
+    return tree
+
+
+def restore_params(model: nnx.Module, tree: dict) -> None:
+    """Writes a `params_pytree`-shaped tree into the model, in place."""
+    state = nnx.state(model, nnx.Param)
+    pure = nnx.to_pure_dict(state)
+
+    def fill(target, source, where):
+        for key in target:
+            if str(key) not in source:
+                raise CheckpointError(f'checkpoint lacks parameter {where}{key}')
+            if isinstance(target[key], dict):
+                fill(target[key], source[str(key)], f'{where}{key}/')
+            else:
+                value = source[str(key)]
+                if tuple(value.shape) != tuple(target[key].shape):
+                    raise CheckpointError(f'parameter {where}{key}: checkpoint shape '
+                                          f'{tuple(value.shape)} vs model {tuple(target[key].shape)}')
+                target[key] = value
+
+    fill(pure, tree, '')
+    nnx.replace_by_pure_dict(state, pure)
+    nnx.update(model, state)
+
+
+def save_model(directory: str | os.PathLike, model: SmartIQA, *, force: bool = False) -> Path:
+    """Saves `model` (parameters + config) as an orbax checkpoint directory; returns its path."""
+    directory = _absolute(directory)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(directory, ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardSave(params_pytree(model)),
+            MODEL_CONFIG: ocp.args.JsonSave(model.config.to_dict()),
+        }), force=force)
+    return directory
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / PARAMS).is_dir() and (path / MODEL_CONFIG).is_dir()
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """Resolves a model checkpoint directory from a checkpoint, a step directory or a workdir.
+
+    A training workdir resolves to its best checkpoint if train.py recorded one
+    (`best_step` file), else its latest step.
+    """
+    path = _absolute(path)
+    if not path.exists():
+        raise CheckpointError(f'{path}: no such checkpoint directory')
+    if _is_model_dir(path):
+        return path
+    for root in (path / 'checkpoints', path):
+        if not root.is_dir():
+            continue
+        steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and _is_model_dir(p))
+        if not steps:
+            continue
+        best = root / 'best_step'
+        if best.is_file():
+            wanted = int(best.read_text().strip())
+            for step, p in steps:
+                if step == wanted:
+                    return p
+        return steps[-1][1]
+    raise CheckpointError(f'{path}: not a SMART-IQA checkpoint (expected {PARAMS}/ and '
+                          f'{MODEL_CONFIG}/ inside it, or numbered step directories that have them)')
+
+
+def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
+    """Loads a ready model (eval mode) from a checkpoint directory or a training workdir.
+
+    `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.
+    """
+    directory = find_checkpoint(path)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
+            MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+        config = ModelConfig.from_dict({**config_dict, **config_overrides})
+        model = SmartIQA(config, rngs=nnx.Rngs(0))
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                params_pytree(model))
+        tree = checkpointer.restore(directory, ocp.args.Composite(**{
+            PARAMS: ocp.args.StandardRestore(abstract)}))[PARAMS]
+    restore_params(model, jax.tree.map(np.asarray, tree))
+    model.eval()
+    return model

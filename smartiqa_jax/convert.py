@@ -1,0 +1,104 @@
+"""Checkpoint conversion between timm / released PyTorch files and our orbax checkpoints.
+
+  python -m smartiqa_jax.convert from-timm FILE --variant base --out CKPT
+  python -m smartiqa_jax.convert from-pytorch FILE --out CKPT
+  python -m smartiqa_jax.convert to-pytorch CKPT --out FILE.pth|FILE.safetensors
+
+Exit status: 0 on success, 1 when a file does not fit (the message names the file and
+every problem), 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from smartiqa_jax.models.smartiqa import FUSIONS
+from smartiqa_jax.models.variants import VARIANTS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='python -m smartiqa_jax.convert', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest='command', required=True)
+
+    timm = sub.add_parser('from-timm', help='a timm/Microsoft Swin checkpoint -> a new model checkpoint')
+    timm.add_argument('file', help='.safetensors, .pth or .bin Swin weights (e.g. ImageNet-21K)')
+    timm.add_argument('--variant', required=True, choices=[v for v in VARIANTS if v != 'nano'])
+    timm.add_argument('--fusion', default='attention', choices=FUSIONS)
+    timm.add_argument('--seed', type=int, default=0, help='init seed of the non-backbone layers')
+    timm.add_argument('--out', required=True, help='orbax checkpoint directory to write')
+    timm.add_argument('--force', action='store_true', help='overwrite --out if it exists')
+
+    torch_in = sub.add_parser('from-pytorch', help='a released SMART-IQA state_dict -> a model checkpoint')
+    torch_in.add_argument('file', help='.pth or .safetensors (variant and fusion are detected)')
+    torch_in.add_argument('--out', required=True)
+    torch_in.add_argument('--force', action='store_true')
+
+    torch_out = sub.add_parser('to-pytorch', help='a model checkpoint -> a released-format state_dict')
+    torch_out.add_argument('checkpoint', help='model checkpoint directory or training workdir')
+    torch_out.add_argument('--out', required=True, help='FILE.pth or FILE.safetensors')
+    torch_out.add_argument('--force', action='store_true')
+    return parser
+
+
+def _check_out(path: str, force: bool) -> None:
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f'{path} exists; pass --force to overwrite it')
+
+
+def save_state_dict(state: dict, path: str) -> None:
+    """Writes {name: numpy array} as .safetensors (no torch needed) or .pth (needs torch)."""
+    if path.endswith('.safetensors'):
+        from safetensors.numpy import save_file
+        save_file(state, path)
+    elif path.endswith(('.pth', '.pt')):
+        import torch
+        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    else:
+        raise ValueError(f'{path}: the output must end in .pth, .pt or .safetensors')
+
+
+def run(args: argparse.Namespace) -> str:
+    """Executes one conversion; returns a one-line summary."""
+    # Imported here so that `--help` and usage errors answer without loading JAX.
+    from flax import nnx
+
+    from smartiqa_jax import checkpoint, weights
+    from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+
+    if args.command == 'from-timm':
+        _check_out(args.out, args.force)
+        model = SmartIQA(ModelConfig(args.variant, args.fusion), rngs=nnx.Rngs(args.seed))
+        weights.load_timm_backbone(model, args.file)
+        out = checkpoint.save_model(args.out, model, force=args.force)
+        return f'{args.file}: Swin-{args.variant} backbone -> {out} (fusion {args.fusion}, head seed {args.seed})'
+    if args.command == 'from-pytorch':
+        _check_out(args.out, args.force)
+        model = weights.load_pytorch(args.file)
+        out = checkpoint.save_model(args.out, model, force=args.force)
+        c = model.config
+        return f'{args.file}: SMART-IQA {c.variant}/{c.fusion} -> {out}'
+    _check_out(args.out, args.force)
+    model = checkpoint.load(args.checkpoint)
+    state = weights.export_state_dict(model)
+    save_state_dict(state, args.out)
+    return f'{args.checkpoint}: {len(state)} tensors -> {Path(args.out).resolve()}'
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from smartiqa_jax.checkpoint import CheckpointError
+    from smartiqa_jax.weights import WeightsError
+    try:
+        print(run(args))
+    except (WeightsError, CheckpointError, FileExistsError, ValueError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

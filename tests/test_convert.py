@@ -1,0 +1,161 @@
+"""Conversion CLI, orbax model checkpoints and the refusal of bad weight files."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+from flax import nnx
+from safetensors.numpy import save_file
+
+import smartiqa_jax
+from smartiqa_jax import convert, weights
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from smartiqa_jax.torch_reference import SmartIQATorch
+
+
+@pytest.fixture(scope='module')
+def reference():
+    torch.manual_seed(0)
+    return SmartIQATorch('tiny', 'attention').eval()
+
+
+@pytest.fixture()
+def crops():
+    return np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
+
+
+def torch_score(model, x):
+    with torch.no_grad():
+        return model(torch.from_numpy(x).permute(0, 3, 1, 2))['score'].numpy()
+
+
+def test_from_pytorch_then_to_pytorch_cli(reference, crops, tmp_path):
+    src = tmp_path / 'released.pth'
+    # The released training script nests the weights and keeps DataParallel's prefix.
+    torch.save({'epoch': 3, 'model_state_dict': {f'module.{k}': v for k, v in
+                                                 reference.state_dict().items()}}, src)
+    ckpt = tmp_path / 'ckpt'
+    assert convert.main(['from-pytorch', str(src), '--out', str(ckpt)]) == 0
+    model = smartiqa_jax.load(ckpt)
+    assert (model.config.variant, model.config.fusion) == ('tiny', 'attention')
+    np.testing.assert_allclose(model.predict(crops)['score'], torch_score(reference, crops), atol=1e-4)
+
+    for suffix in ('.pth', '.safetensors'):
+        out = tmp_path / f'exported{suffix}'
+        assert convert.main(['to-pytorch', str(ckpt), '--out', str(out)]) == 0
+        back = SmartIQATorch('tiny', 'attention').eval()
+        back.load_state_dict(SmartIQATorch.from_released(str(out)).state_dict(), strict=True)
+        np.testing.assert_allclose(torch_score(back, crops), torch_score(reference, crops), atol=1e-6)
+    # An existing output is not overwritten silently.
+    assert convert.main(['to-pytorch', str(ckpt), '--out', str(tmp_path / 'exported.pth')]) == 1
+
+
+def test_from_timm_cli(tmp_path, crops):
+    torch.manual_seed(1)
+    swin = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False)
+    src = tmp_path / 'swin_tiny.safetensors'
+    save_file({k: v.numpy() for k, v in swin.state_dict().items()}, src)
+    ckpt = tmp_path / 'ckpt'
+    assert convert.main(['from-timm', str(src), '--variant', 'tiny', '--fusion', 'multiscale',
+                         '--out', str(ckpt)]) == 0
+    model = smartiqa_jax.load(ckpt)
+    assert model.config.fusion == 'multiscale'
+    np.testing.assert_array_equal(np.asarray(model.backbone.layers[3].blocks[1].attn.qkv.bias[...]),
+                                  swin.state_dict()['layers.3.blocks.1.attn.qkv.bias'].numpy())
+    # Wrong variant: a readable error and exit status 1, nothing written.
+    out = tmp_path / 'wrong'
+    assert convert.main(['from-timm', str(src), '--variant', 'base', '--out', str(out)]) == 1
+    assert not out.exists()
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as e:
+        convert.main(['from-timm', 'x.pth', '--variant', 'huge', '--out', 'y'])
+    assert e.value.code == 2
+
+
+def test_save_load_keeps_parameters_and_config(tmp_path):
+    from smartiqa_jax import checkpoint
+    model = SmartIQA(ModelConfig('nano', 'backbone', dropout=0.2, label_name='demo pseudo-MOS'),
+                     rngs=nnx.Rngs(7))
+    checkpoint.save_model(tmp_path / 'm', model)
+    back = smartiqa_jax.load(tmp_path / 'm')
+    assert back.config == model.config
+    for a, b in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                    nnx.to_flat_state(nnx.state(back, nnx.Param))):
+        assert a[0] == b[0]
+        np.testing.assert_array_equal(np.asarray(a[1].get_value()), np.asarray(b[1].get_value()))
+    with pytest.raises(checkpoint.CheckpointError, match='not a SMART-IQA checkpoint'):
+        smartiqa_jax.load(tmp_path)
+
+
+# ----------------------------------------------------------------------------- bad files
+
+
+def released_state(reference):
+    return {k: v.numpy() for k, v in reference.state_dict().items()}
+
+
+def test_missing_extra_and_mismatched_keys_are_all_listed(reference):
+    state = released_state(reference)
+    del state['fc3b_fc.bias']
+    state['fc6w_fc.weight'] = np.zeros((3, 3), np.float32)
+    state['swin.lda2_fc.weight'] = np.zeros((16, 64), np.float32)
+    with pytest.raises(weights.WeightsError) as e:
+        weights.load_pytorch(state)
+    message = str(e.value)
+    assert 'missing keys (1):\n    fc3b_fc.bias' in message
+    assert 'unexpected keys (1):\n    fc6w_fc.weight' in message
+    assert 'swin.lda2_fc.weight: (16, 64) vs (16, 512)' in message
+
+
+def test_wrong_variant_for_given_config(reference):
+    with pytest.raises(weights.WeightsError, match='missing keys'):
+        weights.load_pytorch(released_state(reference), ModelConfig('small', 'attention'))
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_truncated_file(reference, tmp_path, suffix):
+    path = tmp_path / f'w{suffix}'
+    if suffix == '.pth':
+        torch.save(reference.state_dict(), path)
+    else:
+        save_file(released_state(reference), path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(weights.WeightsError, match=str(path)):
+        weights.load_pytorch(path)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    with pytest.raises(weights.WeightsError, match='empty'):
+        weights.read_state_dict(tmp_path / 'empty.pth')
+    with pytest.raises(weights.WeightsError, match='no such file'):
+        weights.read_state_dict(tmp_path / 'absent.pth')
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.parametrize('container', ['torch.save', 'raw pickle'])
+def test_code_in_a_pickle_is_never_run(tmp_path, container):
+    marker = tmp_path / 'pwned'
+    path = tmp_path / 'evil.pth'
+    payload = {'swin.backbone.patch_embed.proj.weight': torch.zeros(96, 3, 4, 4),
+               'payload': _Exploit(marker)}
+    if container == 'torch.save':
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(weights.WeightsError, match='refused on purpose'):
+        weights.read_state_dict(path)
+    assert not marker.exists()

@@ -1,0 +1,115 @@
+"""Model behaviour that parity tests do not cover: randomness, modes, config, pure functions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from smartiqa_jax.models import smartiqa
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from smartiqa_jax.models.variants import VARIANTS
+
+
+@pytest.fixture(scope='module')
+def model():
+    return SmartIQA(ModelConfig('nano', 'attention', dropout=0.3, drop_path_rate=0.3),
+                    rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module')
+def crops():
+    return jnp.asarray(np.random.default_rng(0).standard_normal((3, 224, 224, 3)), jnp.float32)
+
+
+def test_eval_is_deterministic_and_train_follows_the_rng(model, crops):
+    forward = nnx.jit(lambda m, x, rngs: m(x, rngs=rngs)['score'])
+    model.eval()
+    a = forward(model, crops, None)
+    np.testing.assert_array_equal(a, forward(model, crops, None))
+    model.train()
+    try:
+        r1 = forward(model, crops, nnx.Rngs(dropout=1))
+        r1_again = forward(model, crops, nnx.Rngs(dropout=1))
+        r2 = forward(model, crops, nnx.Rngs(dropout=2))
+        with pytest.raises(ValueError, match='needs `rngs`'):
+            model(crops)
+    finally:
+        model.eval()
+    np.testing.assert_array_equal(r1, r1_again)
+    assert np.abs(np.asarray(r1) - np.asarray(r2)).max() > 1e-4
+    assert np.abs(np.asarray(r1) - np.asarray(a)).max() > 1e-4
+
+
+def test_drop_path_alone_varies_in_training(crops):
+    m = SmartIQA(ModelConfig('nano', 'backbone', dropout=0.0, drop_path_rate=0.5), rngs=nnx.Rngs(0))
+    m.train()
+    f1 = m.backbone(crops, nnx.Rngs(dropout=1))[-1]
+    f2 = m.backbone(crops, nnx.Rngs(dropout=2))[-1]
+    assert np.abs(np.asarray(f1) - np.asarray(f2)).max() > 1e-3
+    m.eval()
+    np.testing.assert_array_equal(m.backbone(crops)[-1], m.backbone(crops)[-1])
+
+
+def test_predict_does_not_depend_on_batch_neighbours(model, crops):
+    together = model.predict(crops)
+    alone = model.predict(crops[1:2])
+    np.testing.assert_allclose(alone['score'], together['score'][1:2], atol=1e-5)
+    np.testing.assert_allclose(together['stage_weights'].sum(-1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match='224, 224, 3'):
+        model.predict(np.zeros((1, 3, 224, 224), np.float32))
+
+
+def test_bfloat16_compute_keeps_fp32_params_and_stays_close(model, crops):
+    fast = SmartIQA(ModelConfig('nano', 'attention', dtype='bfloat16'), rngs=nnx.Rngs(0))
+    nnx.update(fast, nnx.state(model, nnx.Param))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(fast, nnx.Param)))
+    np.testing.assert_allclose(fast.predict(crops)['score'], model.predict(crops)['score'], atol=0.05)
+
+
+def test_analysis_outputs(model, crops):
+    out = model.analyse(crops[:2])
+    assert out['target_in'].shape == (2, 224)
+    assert out['hyper_feature'].shape == (2, 7, 7, 112)
+    assert [f.shape[1:3] for f in out['stage_features']] == [(56, 56), (28, 28), (14, 14), (7, 7)]
+    shapes = {k: v.shape for k, v in out['target_params'].items()}
+    assert shapes == {'w1': (2, 112, 224), 'b1': (2, 112), 'w2': (2, 56, 112), 'b2': (2, 56),
+                      'w3': (2, 28, 56), 'b3': (2, 28), 'w4': (2, 14, 28), 'b4': (2, 14),
+                      'w5': (2, 1, 14), 'b5': (2, 1)}
+
+
+def test_target_network_is_the_plain_mlp():
+    rng = np.random.default_rng(0)
+    dims = (224, 112, 56, 28, 14, 1)
+    params = {}
+    for i in range(5):
+        params[f'w{i + 1}'] = rng.standard_normal((dims[i + 1], dims[i])).astype(np.float32) * 0.1
+        params[f'b{i + 1}'] = rng.standard_normal(dims[i + 1]).astype(np.float32)
+    x = rng.standard_normal(224).astype(np.float32)
+    q = x
+    for i in range(1, 5):
+        q = 1 / (1 + np.exp(-(params[f'w{i}'] @ q + params[f'b{i}'])))
+    expected = (params['w5'] @ q + params['b5'])[0]
+    np.testing.assert_allclose(smartiqa.target_network(params, x), expected, rtol=1e-5)
+
+
+def test_pooling_and_layout_helpers():
+    x = jnp.arange(2 * 14 * 14 * 3, dtype=jnp.float32).reshape(2, 14, 14, 3)
+    pooled = smartiqa.adaptive_pool(x)
+    np.testing.assert_allclose(pooled[0, 0, 0], x[0, :2, :2].mean((0, 1)))
+    flat = smartiqa.flatten_channel_major(x)
+    np.testing.assert_array_equal(flat[0, :14], x[0, 0, :, 0])  # channel 0, row 0 first
+    m = smartiqa.conv_output_as_matrix(x[:, :7, :7, :2].repeat(2, -1), 4, 49)
+    np.testing.assert_array_equal(m[0, 0], x[0, :7, :7, 0].reshape(-1))
+
+
+def test_config_validation_and_defaults():
+    assert ModelConfig('base').dropout == VARIANTS['base'].dropout == 0.4
+    assert ModelConfig('small').drop_path_rate == 0.25
+    with pytest.raises(ValueError, match='unknown model variant'):
+        ModelConfig('huge')
+    with pytest.raises(ValueError, match='unknown fusion'):
+        ModelConfig('tiny', 'sum')
+    with pytest.raises(ValueError, match='unknown model config keys'):
+        ModelConfig.from_dict({'variant': 'tiny', 'colour': 'red'})
+    assert ModelConfig.from_dict(ModelConfig('tiny').to_dict()) == ModelConfig('tiny')
