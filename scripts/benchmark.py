@@ -1,0 +1,132 @@
+"""Inference throughput of the JAX model against the PyTorch reference, in one run.
+
+  python scripts/benchmark.py                       # tiny and base, batch 8 and 32, fp32
+  python scripts/benchmark.py --variants tiny --batches 8 --dtype bfloat16
+
+Prints one row per (variant, batch): images/s for JAX and PyTorch, their ratio, the
+model's FLOPs per image (XLA cost analysis) and the share of the machine's matmul peak
+(a jitted 2048^3 fp32 matmul) that the JAX model reaches. Same machine, same weights,
+same inputs. Results go to stdout and, with --json, to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+
+
+def timed(fn, *, min_seconds: float, min_runs: int = 3) -> float:
+    """Median seconds per call of `fn` (already warmed up), over at least `min_runs` calls."""
+    times = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32, min_seconds: float = 3.0) -> float:
+    """FLOP/s of a jitted n^3 matmul: the machine's practical dense-compute ceiling."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    return 2 * n**3 / timed(lambda: f(a).block_until_ready(), min_seconds=min_seconds)
+
+
+def jax_forward(variant: str, fusion: str, dtype: str):
+    model = SmartIQA(ModelConfig(variant, fusion, dtype=dtype), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, x):
+        return nnx.merge(graphdef, state)(x)['score']
+
+    return model, state, forward
+
+
+def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, torch_too: bool,
+                  min_seconds: float, peak: float) -> list[dict]:
+    model, state, forward = jax_forward(variant, fusion, dtype)
+    reference = None
+    if torch_too:
+        import torch
+
+        from smartiqa_jax import weights
+        from smartiqa_jax.torch_reference import SmartIQATorch
+        reference = SmartIQATorch(variant, fusion).eval()
+        reference.load_state_dict({k: torch.from_numpy(v)
+                                   for k, v in weights.export_state_dict(model).items()})
+    rows = []
+    for batch in batches:
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 224, 224, 3)), jnp.float32)
+        compiled = forward.lower(state, x).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops = float(cost.get('flops', 0.0)) / batch
+        compiled(state, x).block_until_ready()
+        seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
+        row = dict(variant=variant, fusion=fusion, dtype=dtype, batch=batch,
+                   jax_images_per_s=batch / seconds, gflops_per_image=flops / 1e9,
+                   jax_share_of_matmul_peak=flops * batch / seconds / peak)
+        if reference is not None:
+            import torch
+            xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+            with torch.inference_mode():
+                reference(xt)
+                t = timed(lambda: reference(xt), min_seconds=min_seconds)
+            row['torch_images_per_s'] = batch / t
+            row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    return rows
+
+
+def _format_row(row: dict) -> str:
+    text = (f"{row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} batch {row['batch']:>3}: "
+            f"JAX {row['jax_images_per_s']:7.2f} img/s")
+    if 'torch_images_per_s' in row:
+        text += f", PyTorch {row['torch_images_per_s']:7.2f} img/s, ratio {row['jax_over_torch']:.2f}x"
+    text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
+             f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")
+    return text
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--variants', nargs='+', default=['tiny', 'base'])
+    parser.add_argument('--batches', nargs='+', type=int, default=[8, 32])
+    parser.add_argument('--fusion', default='attention')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
+    parser.add_argument('--min-seconds', type=float, default=5.0, help='timing window per case')
+    parser.add_argument('--json', help='also write the rows to this JSON file')
+    args = parser.parse_args()
+
+    device = jax.devices()[0]
+    peak_dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+    peak = matmul_peak(dtype=peak_dtype, n=8192 if device.platform == 'gpu' else 2048)
+    print(f'{device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, {platform.machine()}; '
+          f'jax {jax.__version__}; matmul peak {peak / 1e9:.0f} GFLOP/s ({args.dtype})', flush=True)
+    rows = []
+    for variant in args.variants:
+        rows += bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
+                              args.min_seconds, peak)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'device': str(device), 'matmul_peak_flops': peak, 'rows': rows}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
