@@ -1,0 +1,224 @@
+"""TFDS builders over the readers: array_record files of the original bytes.
+
+Each builder reads the folder the user unpacked (`manual_dir`, nothing is
+downloaded) with the matching reader, decodes every image once to exclude
+the ones that cannot be decoded (reported, or fatal with strict=True), and
+writes the encoded bytes exactly as distributed (no re-encoding) with the
+score and file name to array_record shards. No TensorFlow is needed: the
+features used here serialise without it, and `open_source` reads back
+through `tfds.data_source` with image decoding skipped, so the pipeline
+gets the original bytes.
+
+    python -m smartiqa_jax.data.tfds_builders koniq10k \
+        --manual_dir /data/koniq10k --data_dir ~/tensorflow_datasets
+
+Examples: {'image': bytes, 'score': float32, 'name': str}. The score scale
+(label, low, high, higher_is_better) is in the dataset's metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from smartiqa_jax.data import readers
+
+_VERSION = tfds.core.Version('1.0.0')
+
+
+class _IqaBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared body: subclasses say how to read `manual_dir` into Splits."""
+
+    VERSION = _VERSION
+    RELEASE_NOTES = {'1.0.0': 'Original encoded images, score, file name.'}
+    MANUAL_DOWNLOAD_INSTRUCTIONS = 'See the data section of the smartiqa-jax README.'
+    # tfds looks for checksum/README files beside the builder's module via
+    # `code_path`, which needs the optional importlib_resources package. These
+    # builders download nothing, so there is nothing to look for.
+    code_path = None
+
+    def __init__(self, *, strict: bool = False, **kwargs):
+        self._strict = strict
+        self._splits: Optional[readers.Splits] = None
+        super().__init__(**kwargs)
+
+    def _read(self, manual_dir: str) -> readers.Splits:
+        raise NotImplementedError
+
+    def _scale(self) -> Optional[readers.ScoreScale]:
+        """The score scale, known before reading (None: taken from the data)."""
+        return None
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=tfds.features.FeaturesDict({
+                # Stored as the file's bytes; decode with preprocess.decode_image
+                # (EXIF, CMYK, 16-bit aware), not with tfds' decoder.
+                'image': tfds.features.Image(encoding_format=None),
+                'score': tfds.features.Scalar(np.float32),
+                'name': tfds.features.Text(),
+            }),
+            supervised_keys=('image', 'score'),
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        splits = self._read(os.fspath(dl_manager.manual_dir))
+        self._splits = splits
+        print(splits.report.summary(), flush=True)
+        records = [r for recs in splits.splits.values() for r in recs]
+        scale = records[0].scale
+        self.info.metadata.update(dataclasses.asdict(scale))
+        self.info.metadata['excluded'] = [dataclasses.asdict(p) for p in splits.report.problems]
+        return {name: self._generate_examples(recs) for name, recs in splits.items() if recs}
+
+    def _generate_examples(self, records: Sequence[readers.Record]):
+        for r in records:
+            # A path makes tfds copy the file's bytes unchanged.
+            yield r.name, {'image': r.image, 'score': np.float32(r.score), 'name': r.name}
+
+
+class SmartiqaKoniq10k(_IqaBuilder):
+    """KonIQ-10k, official split; manual_dir holds 1024x768/ and the csvs."""
+
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name='mos_zscore', description='MOS_zscore, 0..100'),
+        tfds.core.BuilderConfig(name='mos', description='MOS, 1..5'),
+    ]
+
+    def _read(self, manual_dir):
+        label = {'mos_zscore': 'MOS_zscore', 'mos': 'MOS'}[self.builder_config.name]
+        return readers.read_koniq10k(manual_dir, label=label, strict=self._strict,
+                                     verify_images=True)
+
+
+class SmartiqaSpaq(_IqaBuilder):
+    """SPAQ, seeded 0.7/0.1/0.2 split (seed 0); manual_dir holds Annotations/, TestImage/."""
+
+    def _read(self, manual_dir):
+        return readers.read_spaq(manual_dir, strict=self._strict, verify_images=True)
+
+
+class SmartiqaKadid10k(_IqaBuilder):
+    """KADID-10k, seeded 0.7/0.1/0.2 split by reference; manual_dir holds dmos.csv, images/."""
+
+    def _read(self, manual_dir):
+        return readers.read_kadid10k(manual_dir, strict=self._strict, verify_images=True)
+
+
+class SmartiqaAgiqa3k(_IqaBuilder):
+    """AGIQA-3K quality MOS, seeded 0.7/0.1/0.2 split; manual_dir holds data.csv + images."""
+
+    def _read(self, manual_dir):
+        return readers.read_agiqa3k(manual_dir, strict=self._strict, verify_images=True)
+
+
+@dataclasses.dataclass(eq=False)
+class CsvFolderConfig(tfds.core.BuilderConfig):
+    """How to read a CSV + image folder (see readers.read_csv_folder)."""
+    csv_name: str = 'labels.csv'
+    images_subdir: str = ''
+    image_column: str = 'image'
+    score_column: str = 'score'
+    split_column: Optional[str] = None
+    group_column: Optional[str] = None
+    fractions: tuple[float, float, float] = readers.DEFAULT_FRACTIONS
+    seed: int = 0
+    score_range: Optional[tuple[float, float]] = None
+    higher_is_better: bool = True
+
+
+class SmartiqaCsvFolder(_IqaBuilder):
+    """Your own data: manual_dir holds the CSV; give a CsvFolderConfig per dataset."""
+
+    BUILDER_CONFIGS = [CsvFolderConfig(name='default')]
+
+    def _read(self, manual_dir):
+        c = self.builder_config
+        return readers.read_csv_folder(
+            os.path.join(manual_dir, c.csv_name), os.path.join(manual_dir, c.images_subdir),
+            image_column=c.image_column, score_column=c.score_column,
+            split_column=c.split_column, group_column=c.group_column, fractions=c.fractions,
+            seed=c.seed, score_range=c.score_range, higher_is_better=c.higher_is_better,
+            strict=self._strict, verify_images=True, dataset=c.name)
+
+
+BUILDERS = {
+    'koniq10k': SmartiqaKoniq10k,
+    'spaq': SmartiqaSpaq,
+    'kadid10k': SmartiqaKadid10k,
+    'agiqa3k': SmartiqaAgiqa3k,
+    'csv': SmartiqaCsvFolder,
+}
+
+
+def build(dataset: str, manual_dir: str, data_dir: str, *, config: Any = None,
+          strict: bool = False) -> tfds.core.DatasetBuilder:
+    """Builds `dataset` from `manual_dir` into array_record files under `data_dir`.
+
+    `config` is a builder config name ('mos' for KonIQ MOS 1..5) or, for
+    'csv', a CsvFolderConfig. A dataset already built there is reused.
+    Returns the builder; read it with `open_source(builder, split)`.
+    """
+    if dataset not in BUILDERS:
+        raise ValueError(f'unknown dataset {dataset!r}; known: {sorted(BUILDERS)}')
+    builder = BUILDERS[dataset](data_dir=data_dir, config=config, strict=strict,
+                                file_format='array_record')
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder
+
+
+def open_source(builder_or_dir: Any, split: str) -> Any:
+    """A random-access source of one built split: i -> {'image': bytes, 'score', 'name'}.
+
+    `builder_or_dir` is a builder from `build` or the versioned directory it
+    wrote (e.g. ~/tensorflow_datasets/smartiqa_koniq10k/mos_zscore/1.0.0).
+    Images stay encoded (tfds decoding skipped): the pipeline decodes them.
+    """
+    if isinstance(builder_or_dir, (str, os.PathLike)):
+        builder_or_dir = tfds.builder_from_directory(os.fspath(builder_or_dir))
+    return builder_or_dir.as_data_source(
+        split=split, decoders={'image': tfds.decode.SkipDecoding()})
+
+
+def score_scale(builder_or_dir: Any) -> readers.ScoreScale:
+    """The ScoreScale stored in a built dataset's metadata."""
+    if isinstance(builder_or_dir, (str, os.PathLike)):
+        builder_or_dir = tfds.builder_from_directory(os.fspath(builder_or_dir))
+    m = builder_or_dir.info.metadata
+    return readers.ScoreScale(m['label'], m['low'], m['high'], m['higher_is_better'])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description='Build an IQA dataset as TFDS array_record.')
+    parser.add_argument('dataset', choices=sorted(BUILDERS))
+    parser.add_argument('--manual_dir', required=True, help='the unpacked dataset folder')
+    parser.add_argument('--data_dir', default=os.path.expanduser('~/tensorflow_datasets'))
+    parser.add_argument('--config', default=None, help="KonIQ: 'mos_zscore' (default) or 'mos'")
+    parser.add_argument('--strict', action='store_true', help='fail on the first bad entry')
+    parser.add_argument('--csv_name', default='labels.csv', help='csv: the CSV file in manual_dir')
+    parser.add_argument('--image_column', default='image')
+    parser.add_argument('--score_column', default='score')
+    parser.add_argument('--split_column', default=None)
+    parser.add_argument('--name', default='default', help='csv: a name for this dataset')
+    args = parser.parse_args(argv)
+    config = args.config
+    if args.dataset == 'csv':
+        config = CsvFolderConfig(name=args.name, csv_name=args.csv_name,
+                                 image_column=args.image_column, score_column=args.score_column,
+                                 split_column=args.split_column)
+    builder = build(args.dataset, args.manual_dir, args.data_dir, config=config, strict=args.strict)
+    splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+    print(f'built {builder.name} at {builder.data_dir}: {splits}')
+
+
+if __name__ == '__main__':
+    main()

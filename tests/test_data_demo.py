@@ -1,0 +1,64 @@
+"""The demo dataset: deterministic, split by source photo, learnable labels."""
+
+import csv
+import hashlib
+import os
+
+import numpy as np
+
+from smartiqa_jax.data import demo
+
+
+def digest(folder: str) -> str:
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(os.path.join(folder, 'images'))):
+        h.update(name.encode())
+        with open(os.path.join(folder, 'images', name), 'rb') as f:
+            h.update(f.read())
+    with open(os.path.join(folder, 'labels.csv'), 'rb') as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def rows(folder: str) -> list[dict]:
+    with open(os.path.join(folder, 'labels.csv'), newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_demo_is_deterministic_idempotent_and_split_by_photo(tmp_path):
+    a = demo.ensure_demo_dataset(str(tmp_path / 'a'), seed=0, regions_per_photo=1)
+    b = demo.ensure_demo_dataset(str(tmp_path / 'b'), seed=0, regions_per_photo=1)
+    assert digest(a) == digest(b)
+    mtime = os.path.getmtime(os.path.join(a, 'labels.csv'))
+    assert demo.ensure_demo_dataset(str(tmp_path / 'a'), seed=0, regions_per_photo=1) == a
+    assert os.path.getmtime(os.path.join(a, 'labels.csv')) == mtime  # not regenerated
+
+    table = rows(a)
+    assert len(table) == 15 * 31
+    sources = {s: {r['source'] for r in table if r['split'] == s}
+               for s in ('train', 'validation', 'test')}
+    assert all(sources.values())
+    assert not sources['train'] & sources['validation']
+    assert not sources['train'] & sources['test']
+    assert not sources['validation'] & sources['test']
+    scores = np.array([float(r['score']) for r in table])
+    assert 0 <= scores.min() and scores.max() <= 100
+
+    # The label follows the distortion level the same way on every photo.
+    levels = np.array([int(r['level']) for r in table])
+    means = [scores[levels == lvl].mean() for lvl in range(6)]
+    assert all(x > y + 5 for x, y in zip(means, means[1:]))
+
+    other = demo.ensure_demo_dataset(str(tmp_path / 'a'), seed=1, regions_per_photo=1)
+    assert other != a and digest(other) != digest(a)
+
+
+def test_read_demo_gives_splits_with_0_100_scale(tmp_path):
+    splits = demo.read_demo(str(tmp_path), regions_per_photo=1)
+    assert not splits.report.problems
+    assert sum(len(v) for v in splits.splits.values()) == 15 * 31
+    r = splits['test'][0]
+    assert (r.scale.low, r.scale.high, r.scale.higher_is_better) == (0.0, 100.0, True)
+    from PIL import Image
+    with Image.open(r.image) as img:
+        assert img.size == (320, 240)

@@ -1,0 +1,208 @@
+"""The grain pipeline: shapes, normalisation, determinism, epochs, eval crops, shards, state."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+
+from smartiqa_jax import preprocess
+from smartiqa_jax.data import pipeline, readers
+from tests import test_data_fixtures as fx
+
+
+def records(tmp_path, n=12, size=(60, 80)):
+    """n images with score i, so a batch's scores say which images it holds."""
+    csv_path = fx.make_csv_folder(str(tmp_path), n=n, size=size)
+    return readers.read_csv_folder(csv_path, fractions=(1.0, 0.0, 0.0))['train']
+
+
+def train_loader(recs, **kwargs):
+    args = dict(batch_size=4, seed=0, patches_per_image=2, crop_size=32, resize=(48, 40),
+                shard_index=0, shard_count=1)
+    args.update(kwargs)
+    return pipeline.make_train_loader(recs, **args)
+
+
+def take(iterator, k):
+    return [next(iterator) for _ in range(k)]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x['image'], y['image'])
+        np.testing.assert_array_equal(x['score'], y['score'])
+
+
+def test_train_batch_shapes_dtypes_and_normalisation(tmp_path):
+    # A flat-colour image: every crop must be exactly normalize(colour).
+    fx.write_csv(str(tmp_path / 'labels.csv'), ['image', 'score'], [['flat.png', 7.5]])
+    from PIL import Image
+    Image.new('RGB', (90, 70), (200, 100, 50)).save(tmp_path / 'flat.png')
+    recs = readers.read_csv_folder(str(tmp_path / 'labels.csv'), fractions=(1, 0, 0))['train']
+    loader = pipeline.make_train_loader(recs, batch_size=3, seed=0, patches_per_image=3,
+                                        shard_index=0, shard_count=1, num_epochs=1)
+    (batch,) = list(loader)
+    assert set(batch) == {'image', 'score'}
+    assert batch['image'].shape == (3, 224, 224, 3) and batch['image'].dtype == np.float32
+    assert batch['score'].shape == (3,) and batch['score'].dtype == np.float32
+    expected = preprocess.normalize(np.array([200, 100, 50], np.uint8))
+    np.testing.assert_allclose(batch['image'], np.broadcast_to(expected, (3, 224, 224, 3)),
+                               atol=1e-6)
+
+
+def test_same_seed_same_batches_other_seed_differs(tmp_path):
+    recs = records(tmp_path)
+    a = take(iter(train_loader(recs, seed=5, color_jitter=True)), 4)
+    b = take(iter(train_loader(recs, seed=5, color_jitter=True)), 4)
+    c = take(iter(train_loader(recs, seed=6, color_jitter=True)), 4)
+    assert_same_batches(a, b)
+    assert not np.array_equal(a[0]['image'], c[0]['image'])
+
+
+def test_each_image_patches_per_image_times_per_epoch_with_new_crops(tmp_path):
+    recs = records(tmp_path, n=6)
+    loader = train_loader(recs, batch_size=1, patches_per_image=5, num_epochs=2, hflip=False)
+    batches = list(loader)
+    assert len(batches) == 60 and loader.batches_per_epoch == 30
+    for epoch in (batches[:30], batches[30:]):
+        counts = collections.Counter(float(b['score'][0]) for b in epoch)
+        assert counts == {float(i): 5 for i in range(6)}
+    crops_of_0 = [b['image'][0] for b in batches[:30] if b['score'][0] == 0]
+    assert len({c.tobytes() for c in crops_of_0}) == 5  # a fresh random crop each time
+    # Reshuffled each epoch.
+    assert [b['score'][0] for b in batches[:30]] != [b['score'][0] for b in batches[30:]]
+
+
+def test_global_batch_is_split_over_processes(tmp_path):
+    loader = train_loader(records(tmp_path), batch_size=None, global_batch_size=8,
+                          shard_index=1, shard_count=2)
+    assert loader.batch_size == 4 and next(iter(loader))['image'].shape[0] == 4
+    with pytest.raises(ValueError, match='divisible'):
+        train_loader(records(tmp_path), batch_size=None, global_batch_size=7, shard_count=2)
+
+
+def test_train_shards_are_disjoint_and_cover_the_data(tmp_path):
+    recs = records(tmp_path, n=12)
+    seen = []
+    for shard in range(3):
+        loader = train_loader(recs, batch_size=2, patches_per_image=1, num_epochs=1,
+                              shard_index=shard, shard_count=3)
+        seen.append({float(s) for b in loader for s in b['score']})
+        assert len(seen[-1]) == 4
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert set.union(*seen) == {float(i) for i in range(12)}
+
+
+def test_restored_iterator_continues_exactly(tmp_path):
+    recs = records(tmp_path)
+    it = iter(train_loader(recs, color_jitter=True))
+    take(it, 3)
+    state = it.get_state()
+    expected = take(it, 5)  # crosses the epoch boundary (12 * 2 / 4 = 6 per epoch)
+    fresh = iter(train_loader(recs, color_jitter=True))
+    fresh.set_state(state)
+    assert_same_batches(take(fresh, 5), expected)
+
+
+def test_cache_gives_the_same_batches(tmp_path):
+    recs = records(tmp_path)
+    plain = take(iter(train_loader(recs)), 3)
+    cached = take(iter(train_loader(recs, cache=str(tmp_path / 'cache'))), 3)
+    assert_same_batches(plain, cached)
+    assert os.path.getsize(tmp_path / 'cache' / 'pixels.u8') == 12 * 48 * 40 * 3
+
+
+def test_two_workers_are_deterministic_and_cover_the_epoch(tmp_path):
+    # With workers each process batches its own share of the records, so the
+    # batches differ from worker_count=0, but not from run to run.
+    recs = records(tmp_path)
+    runs = [list(train_loader(recs, worker_count=2, num_epochs=1)) for _ in range(2)]
+    assert_same_batches(*runs)
+    inline = list(train_loader(recs, num_epochs=1))
+    scores = lambda batches: sorted(float(s) for b in batches for s in b['score'])
+    assert len(runs[0]) == len(inline) == 6 and scores(runs[0]) == scores(inline)
+
+
+@pytest.mark.parametrize('mode, crops', [('center', 1), ('grid', 4), ('random', 3)])
+def test_eval_crops_are_grouped_and_deterministic(tmp_path, mode, crops):
+    recs = records(tmp_path, n=5)
+    make = lambda: pipeline.make_eval_loader(recs, batch_size=3, crops=crops, crop_mode=mode,
+                                             seed=1, crop_size=32, resize=(48, 40),
+                                             shard_index=0, shard_count=1)
+    loader = make()
+    batches = list(loader)
+    assert len(batches) == loader.batches_per_epoch == -(-5 * crops // 3)
+    index = np.concatenate([b['index'] for b in batches])
+    mask = np.concatenate([b['mask'] for b in batches])
+    assert all(b['image'].shape == (3, 32, 32, 3) and b['index'].dtype == np.int32
+               for b in batches)
+    assert index[mask].tolist() == [i for i in range(5) for _ in range(crops)]
+    assert not mask[5 * crops:].any() and (index[~mask] == -1).all()
+    images = np.concatenate([b['image'] for b in batches])[mask]
+    if crops > 1:  # the crops of one image differ
+        assert len({images[c].tobytes() for c in range(crops)}) == crops
+    again = np.concatenate([b['image'] for b in make()])[mask]
+    np.testing.assert_array_equal(images, again)
+    # Scores as stand-in predictions: each image's mean is its score.
+    scores = np.concatenate([b['score'] for b in batches])
+    np.testing.assert_allclose(pipeline.aggregate_crops(index, scores, 5, mask), np.arange(5))
+
+
+def test_eval_shards_cover_every_crop_once_with_equal_steps(tmp_path):
+    recs = records(tmp_path, n=5)
+    found, steps = [], []
+    for shard in range(2):
+        loader = pipeline.make_eval_loader(recs, batch_size=2, crops=3, crop_mode='random',
+                                           crop_size=32, resize=(48, 40), shard_index=shard,
+                                           shard_count=2)
+        batches = list(loader)
+        steps.append(len(batches))
+        for b in batches:
+            found += [int(i) for i, m in zip(b['index'], b['mask']) if m]
+    assert steps[0] == steps[1] == 4  # 15 crops padded to 16 = 2 hosts x 4 x 2
+    assert collections.Counter(found) == {i: 3 for i in range(5)}
+
+
+def test_aggregate_crops():
+    idx = np.array([0, 0, 1, 1, 1, -1])
+    pred = np.array([1.0, 3.0, 2.0, 2.0, 5.0, 100.0])
+    np.testing.assert_allclose(pipeline.aggregate_crops(idx, pred, 2), [2.0, 3.0])
+    out = pipeline.aggregate_crops(idx, pred[:, None], 3, mask=[1, 1, 1, 1, 0, 1])
+    np.testing.assert_allclose(out[:2], [2.0, 2.0])
+    assert np.isnan(out[2])
+
+
+def test_tfds_style_source_with_bytes(tmp_path):
+    recs = records(tmp_path, n=4)
+
+    class BytesSource:  # what tfds.data_source returns: bytes, float32, name bytes
+        def __len__(self):
+            return len(recs)
+
+        def __getitem__(self, i):
+            with open(recs[i].image, 'rb') as f:
+                return {'image': f.read(), 'score': np.float32(recs[i].score),
+                        'name': recs[i].name.encode()}
+
+    a = take(iter(train_loader(BytesSource())), 2)
+    b = take(iter(train_loader(recs)), 2)
+    assert_same_batches(a, b)
+    np.testing.assert_array_equal(pipeline.image_scores(BytesSource()), np.arange(4))
+
+
+def test_iterator_state_through_an_orbax_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+
+    recs = records(tmp_path)
+    it = iter(train_loader(recs))
+    take(it, 2)
+    manager = ocp.CheckpointManager(str(tmp_path / 'ckpt'), item_names=('data_iter',))
+    manager.save(1, args=ocp.args.Composite(data_iter=pipeline.checkpoint_args(it)))
+    manager.wait_until_finished()
+    expected = take(it, 2)
+    fresh = iter(train_loader(recs))
+    manager.restore(1, args=ocp.args.Composite(
+        data_iter=pipeline.checkpoint_args(fresh, restore=True)))
+    assert_same_batches(take(fresh, 2), expected)
