@@ -120,7 +120,8 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
         config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
             MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
         config = ModelConfig.from_dict({**config_dict, **config_overrides})
-        model = SmartIQA(config, rngs=nnx.Rngs(0))
+        # Shapes only: every value is about to be overwritten by the checkpoint's.
+        model = nnx.eval_shape(lambda: SmartIQA(config, rngs=nnx.Rngs(0)))
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                 params_pytree(model))
         tree = checkpointer.restore(directory, ocp.args.Composite(**{

@@ -310,13 +310,9 @@ def load_pytorch(state_or_path: str | os.PathLike | Mapping[str, Any],
         source, state = os.fspath(state_or_path), read_state_dict(state_or_path)
     if config is None:
         config = infer_config(state, source, **config_overrides)
+    # Shapes only: the strict check below guarantees that every parameter gets a value.
     model = nnx.eval_shape(lambda: SmartIQA(config, rngs=nnx.Rngs(0)))
     values = convert_state_dict(state, name_map(config), param_shapes(model), source)
-    return _materialise(config, values)
-
-
-def _materialise(config: ModelConfig, values: Mapping[Path, np.ndarray], seed: int = 0) -> SmartIQA:
-    model = SmartIQA(config, rngs=nnx.Rngs(seed))
     assign(model, values)
     return model
 

@@ -43,12 +43,13 @@ def test_eval_is_deterministic_and_train_follows_the_rng(model, crops):
 
 def test_drop_path_alone_varies_in_training(crops):
     m = SmartIQA(ModelConfig('nano', 'backbone', dropout=0.0, drop_path_rate=0.5), rngs=nnx.Rngs(0))
+    last_stage = nnx.jit(lambda m, x, rngs: m.backbone(x, rngs)[-1])
     m.train()
-    f1 = m.backbone(crops, nnx.Rngs(dropout=1))[-1]
-    f2 = m.backbone(crops, nnx.Rngs(dropout=2))[-1]
+    f1 = last_stage(m, crops, nnx.Rngs(dropout=1))
+    f2 = last_stage(m, crops, nnx.Rngs(dropout=2))
     assert np.abs(np.asarray(f1) - np.asarray(f2)).max() > 1e-3
     m.eval()
-    np.testing.assert_array_equal(m.backbone(crops)[-1], m.backbone(crops)[-1])
+    np.testing.assert_array_equal(last_stage(m, crops, None), last_stage(m, crops, None))
 
 
 def test_predict_does_not_depend_on_batch_neighbours(model, crops):
@@ -68,7 +69,7 @@ def test_bfloat16_compute_keeps_fp32_params_and_stays_close(model, crops):
 
 
 def test_analysis_outputs(model, crops):
-    out = model.analyse(crops[:2])
+    out = nnx.jit(lambda m, x: m.analyse(x))(model, crops[:2])
     assert out['target_in'].shape == (2, 224)
     assert out['hyper_feature'].shape == (2, 7, 7, 112)
     assert [f.shape[1:3] for f in out['stage_features']] == [(56, 56), (28, 28), (14, 14), (7, 7)]

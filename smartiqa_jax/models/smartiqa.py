@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smartiqa_jax.models import initializers as init
 from smartiqa_jax.models import swin
 from smartiqa_jax.models.variants import get_variant
 
@@ -32,9 +33,8 @@ TARGET_WIDTHS = (112, 56, 28, 14)  # hidden sizes of the target network
 ATTENTION_HIDDEN = 256
 FEATURE_SIZE = 7                 # every stage is pooled to 7x7 for fusion
 
-_kaiming_normal = nnx.initializers.variance_scaling(2.0, 'fan_in', 'normal')
-_attention_init = nnx.initializers.normal(0.01)
-_zeros = nnx.initializers.zeros_init()
+_kaiming_normal = init.kaiming_normal()
+_attention_init = init.normal(0.01)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,12 +154,12 @@ def _predict(model: 'SmartIQA', images: jax.Array) -> dict[str, jax.Array]:
 
 def _linear(din, dout, rngs, kernel_init=_kaiming_normal, bias_init=None, use_bias=True):
     return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=kernel_init,
-                      bias_init=bias_init or swin.torch_default_bias_init(din), rngs=rngs)
+                      bias_init=bias_init or init.torch_default_bias(din), rngs=rngs)
 
 
 def _conv(din, dout, size, rngs, kernel_init=_kaiming_normal):
     return nnx.Conv(din, dout, (size, size), padding='SAME', kernel_init=kernel_init,
-                    bias_init=swin.torch_default_bias_init(din * size * size), rngs=rngs)
+                    bias_init=init.torch_default_bias(din * size * size), rngs=rngs)
 
 
 class SmartIQA(nnx.Module):
@@ -189,14 +189,14 @@ class SmartIQA(nnx.Module):
             _linear(LDA_CHANNELS[i] * (8 >> i) ** 2, LDA_OUT, rngs) for i in range(3)])
         self.lda_fcs.append(_linear(dims[3], TARGET_IN - 3 * LDA_OUT, rngs))
         if config.fusion == 'attention':
-            self.attention_fc1 = _linear(dims[3], ATTENTION_HIDDEN, rngs, _attention_init, _zeros)
-            self.attention_fc2 = _linear(ATTENTION_HIDDEN, 4, rngs, _attention_init, _zeros)
+            self.attention_fc1 = _linear(dims[3], ATTENTION_HIDDEN, rngs, _attention_init, init.zeros)
+            self.attention_fc2 = _linear(ATTENTION_HIDDEN, 4, rngs, _attention_init, init.zeros)
         else:
             self.attention_fc1 = self.attention_fc2 = None
         fused = dims[3] if config.fusion == 'backbone' else sum(dims)
         widths = (fused,) + HYPER_WIDTHS
         self.hyper_convs = nnx.List([
-            _linear(widths[i], widths[i + 1], rngs, swin.torch_default_kernel_init)
+            _linear(widths[i], widths[i + 1], rngs, init.torch_default_kernel())
             for i in range(3)])
         target_dims = (TARGET_IN,) + TARGET_WIDTHS
         # Weight-generating 3x3 convs: out channels * 49 = rows * cols of the generated matrix.

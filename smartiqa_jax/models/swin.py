@@ -17,39 +17,28 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smartiqa_jax.models import initializers as init
 from smartiqa_jax.models.variants import Variant
 
 WINDOW = 7
 PATCH = 4
 LN_EPS = 1e-5
 
-_trunc_normal = nnx.initializers.truncated_normal(stddev=0.02, lower=-2.0 / 0.02, upper=2.0 / 0.02)
-_zeros = nnx.initializers.zeros_init()
-
-
-def torch_default_bias_init(fan_in: int):
-    """PyTorch's default bias init for Linear/Conv: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / np.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
-
-
-# PyTorch's default weight init (kaiming_uniform with a=sqrt(5)) is uniform(+-1/sqrt(fan_in)).
-torch_default_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# timm's Swin init: trunc-normal 0.02 Linears and bias table (SPEC 1.5b); PyTorch defaults
+# for the patch-embedding conv.
+_trunc_normal = init.normal(0.02)
 
 
 def linear(din: int, dout: int, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=None) -> nnx.Linear:
     """A Linear initialised the way timm initialises Swin's: trunc-normal 0.02, zero bias."""
-    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_trunc_normal, bias_init=_zeros,
-                      dtype=dtype, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=use_bias, kernel_init=_trunc_normal,
+                      bias_init=init.zeros, dtype=dtype, rngs=rngs)
 
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Always fp32: normalising in bf16 loses too much.
-    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=jnp.float32, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, dtype=jnp.float32, scale_init=init.ones,
+                         bias_init=init.zeros, rngs=rngs)
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -132,7 +121,7 @@ class WindowAttention(nnx.Module):
         self.qkv = linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
         self.proj = linear(dim, dim, rngs=rngs, dtype=dtype)
         self.relative_position_bias_table = nnx.Param(
-            _trunc_normal(rngs.params(), ((2 * WINDOW - 1) ** 2, num_heads), jnp.float32))
+            _trunc_normal(rngs.params(), ((2 * WINDOW - 1) ** 2, num_heads)))
 
     def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """x: (B, num_windows, N, C) -> same shape; mask: (num_windows, N, N) or None."""
@@ -213,8 +202,8 @@ class PatchEmbed(nnx.Module):
     def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None):
         fan_in = 3 * PATCH * PATCH
         self.proj = nnx.Conv(3, dim, (PATCH, PATCH), strides=(PATCH, PATCH), padding='VALID',
-                             kernel_init=torch_default_kernel_init,
-                             bias_init=torch_default_bias_init(fan_in), dtype=dtype, rngs=rngs)
+                             kernel_init=init.torch_default_kernel(),
+                             bias_init=init.torch_default_bias(fan_in), dtype=dtype, rngs=rngs)
         self.norm = layer_norm(dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

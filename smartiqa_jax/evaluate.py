@@ -1,0 +1,330 @@
+"""Tests a checkpoint on IQA datasets and prints the paper's Table III (SRCC, PLCC).
+
+  python -m smartiqa_jax.evaluate --checkpoint CKPT --datasets koniq,spaq,kadid,agiqa \
+      --data-root /data [--koniq-root DIR --spaq-root DIR ...] [--split test|all] \
+      [--crops 20 --crop-mode random --seed 0] [--resize ...] [--output-dir DIR]
+
+Each dataset is read with its reader (smartiqa_jax.data: official KonIQ split, seeded
+splits for the others; `--split all` takes every image), every image is scored exactly
+as `smartiqa_jax.predict` scores it (same decode, resize, crops, crop average), and
+SRCC / PLCC / KRCC / RMSE come from scipy.stats on the per-image predictions.
+
+PLCC is the raw Pearson correlation of predictions and labels (no fit), as in the
+released code. `plcc_logistic` is PLCC after the customary monotonic 4-parameter
+logistic fit of the predictions to the labels; it is labelled as such wherever it
+appears. The average is the plain mean over the datasets evaluated.
+
+Dataset roots: `--<name>-root DIR`, or `--data-root DIR` holding one folder per dataset
+(e.g. DIR/koniq10k, DIR/spaq, DIR/kadid10k, DIR/agiqa3k; see DATASETS for the names
+tried). A dataset that is not found stops the run before the model is loaded, with the
+paths that were tried.
+
+Written to --output-dir (default: evaluation/<checkpoint folder name>): table3.md,
+table3.csv, results.json and predictions_<dataset>.csv (one row per image: label,
+prediction, stage weights, error). Exit status: 0 done (images that could not be
+decoded are left out of the metrics and counted), 2 usage or missing data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import scipy.optimize
+import scipy.stats
+
+from smartiqa_jax import predict
+from smartiqa_jax.predict import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """reader: smartiqa_jax.data reader name; title: as the paper writes it; folders:
+    names tried under --data-root."""
+    reader: str
+    title: str
+    folders: tuple[str, ...]
+
+
+DATASETS: dict[str, Dataset] = {
+    'koniq': Dataset('koniq10k', 'KonIQ-10k', ('koniq10k', 'koniq-10k', 'KonIQ-10k', 'koniq')),
+    'spaq': Dataset('spaq', 'SPAQ', ('spaq', 'SPAQ')),
+    'kadid': Dataset('kadid10k', 'KADID-10K', ('kadid10k', 'kadid-10k', 'KADID-10k', 'kadid')),
+    'agiqa': Dataset('agiqa3k', 'AGIQA-3K', ('agiqa3k', 'agiqa-3k', 'AGIQA-3K', 'AGIQA-3k', 'agiqa')),
+}
+ALIASES = {'koniq10k': 'koniq', 'kadid10k': 'kadid', 'agiqa3k': 'agiqa'}
+SPLIT_CHOICES = ('test', 'validation', 'train', 'all')
+METRICS = ('srcc', 'plcc', 'plcc_logistic', 'krcc', 'rmse')
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """The 4-parameter logistic of VQEG practice: b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))."""
+    return b2 + (b1 - b2) / (1.0 + np.exp(-(x - b3) / (abs(b4) + 1e-12)))
+
+
+def plcc_after_logistic(pred: np.ndarray, target: np.ndarray) -> float:
+    """PLCC between labels and predictions mapped by a least-squares 4-parameter logistic.
+
+    NaN when the fit does not converge or the correlation is undefined.
+    """
+    pred = np.asarray(pred, np.float64)
+    target = np.asarray(target, np.float64)
+    if pred.size < 5 or np.ptp(pred) == 0 or np.ptp(target) == 0:
+        return float('nan')  # 4 parameters need more points than that to mean anything
+    start = [target.max(), target.min(), float(np.median(pred)), float(pred.std())]
+    try:
+        with warnings.catch_warnings():
+            # Only the fitted curve is used, so an inestimable covariance does not matter.
+            warnings.simplefilter('ignore', scipy.optimize.OptimizeWarning)
+            params, _ = scipy.optimize.curve_fit(logistic_4, pred, target, p0=start, maxfev=20000)
+    except (RuntimeError, ValueError):
+        return float('nan')
+    fitted = logistic_4(pred, *params)
+    if np.ptp(fitted) == 0:
+        return float('nan')
+    return float(scipy.stats.pearsonr(fitted, target)[0])
+
+
+def dataset_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """SRCC, PLCC (raw), PLCC after the logistic fit, KRCC, RMSE (label units) of (N,) arrays."""
+    from smartiqa_jax.metrics import quality_metrics
+    values = quality_metrics(pred, target)
+    values['plcc_logistic'] = plcc_after_logistic(pred, target)
+    return {k: values[k] for k in METRICS}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def dataset_key(name: str) -> str:
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    if key not in DATASETS:
+        raise UsageError(f'unknown dataset {name!r}; choose from {", ".join(DATASETS)}')
+    return key
+
+
+def find_root(key: str, explicit: Optional[str], data_root: Optional[str]) -> str:
+    """The folder of dataset `key`: its --<key>-root, or the first match under --data-root.
+
+    Raises UsageError naming every path that was tried.
+    """
+    info = DATASETS[key]
+    if explicit:
+        if os.path.isdir(explicit):
+            return explicit
+        raise UsageError(f'{info.title}: --{key}-root {explicit} is not a folder')
+    if not data_root:
+        raise UsageError(f'{info.title}: no data folder given; pass --{key}-root DIR or '
+                         f'--data-root DIR holding one of {", ".join(info.folders)}')
+    tried = [os.path.join(data_root, f) for f in info.folders]
+    for path in tried:
+        if os.path.isdir(path):
+            return path
+    raise UsageError(f'{info.title}: not found; looked in {", ".join(tried)} '
+                     f'(or pass --{key}-root DIR)')
+
+
+def read_records(key: str, root: str, split: str):
+    """The records (smartiqa_jax.data.Record) of one split, or of all splits for 'all'."""
+    from smartiqa_jax import data
+    info = DATASETS[key]
+    try:
+        splits = data.load_splits(info.reader, root)
+    except (data.DataError, FileNotFoundError) as e:
+        raise UsageError(f'{info.title} in {root}: {e}') from None
+    if split == 'all':
+        return [r for name in splits for r in splits[name]]
+    records = splits[split]
+    if not records:
+        raise UsageError(f'{info.title} in {root}: the {split} split is empty')
+    return records
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_records(scorer: predict.Scorer, records, prep: predict.Preprocessing, *,
+                     workers: int = 0, progress: bool = True, desc: str = '') -> dict:
+    """Scores `records` and computes the metrics on the images that could be scored.
+
+    Returns {'n_images', 'n_failed', 'metrics': dataset_metrics(...), 'rows': one dict per
+    image (name, path, label, score, weight_stage1..4, error)}.
+    """
+    import tqdm
+
+    bar = tqdm.tqdm(total=len(records), unit='img', file=sys.stderr, disable=not progress,
+                    desc=desc, dynamic_ncols=True)
+    results = []
+    for batch in predict.score_files(scorer, [r.image for r in records], prep, workers=workers):
+        results.extend(batch)
+        bar.update(len(batch))
+    bar.close()
+    rows, pred, target = [], [], []
+    for record, result in zip(records, results):
+        rows.append({'name': record.name, 'label': record.score, **result.row()})
+        if not result.error:
+            pred.append(result.score)
+            target.append(record.score)
+        else:
+            print(f'warning: {result.path}: {result.error}', file=sys.stderr)
+    metrics = dataset_metrics(np.array(pred), np.array(target))
+    return {'n_images': len(pred), 'n_failed': len(records) - len(pred), 'metrics': metrics,
+            'rows': rows}
+
+
+def average(results: dict[str, dict]) -> dict[str, float]:
+    """Plain mean of each metric over the datasets (NaN if any dataset's is NaN)."""
+    return {m: float(np.mean([r['metrics'][m] for r in results.values()])) for m in METRICS}
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return 'n/a' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
+
+
+def format_table(results: dict[str, dict], model_name: str, logistic: bool = False) -> str:
+    """Markdown in the layout of the paper's Table III: one row per model, SRCC and PLCC per
+    dataset and their average. PLCC is raw; with `logistic`, a second row gives PLCC after
+    the 4-parameter logistic fit (SRCC does not change under a monotonic fit)."""
+    titles = [DATASETS[k].title for k in results] + ['Average']
+    header = '| Model | ' + ' | '.join(f'{t} SRCC | {t} PLCC' for t in titles) + ' |'
+    rule = '|---|' + '---|---|' * len(titles)
+    avg = average(results)
+    cells = [(r['metrics']['srcc'], r['metrics']['plcc']) for r in results.values()]
+    cells.append((avg['srcc'], avg['plcc']))
+    lines = [header, rule,
+             f'| {model_name} | ' + ' | '.join(f'{_fmt(s)} | {_fmt(p)}' for s, p in cells) + ' |']
+    if logistic:
+        cells = [r['metrics']['plcc_logistic'] for r in results.values()] + [avg['plcc_logistic']]
+        lines.append(f'| {model_name}, PLCC after 4-parameter logistic fit | '
+                     + ' | '.join(f'- | {_fmt(p)}' for p in cells) + ' |')
+    return '\n'.join(lines)
+
+
+def format_details(results: dict[str, dict], split: str) -> str:
+    """Markdown: per dataset the image counts and every metric."""
+    lines = ['| Dataset | split | images | failed | SRCC | PLCC (raw) | PLCC (logistic) | KRCC | RMSE |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for key, r in results.items():
+        m = r['metrics']
+        lines.append(f'| {DATASETS[key].title} | {split} | {r["n_images"]} | {r["n_failed"]} | '
+                     f'{_fmt(m["srcc"])} | {_fmt(m["plcc"])} | {_fmt(m["plcc_logistic"])} | '
+                     f'{_fmt(m["krcc"])} | {_fmt(m["rmse"], 3)} |')
+    return '\n'.join(lines)
+
+
+def _nan_to_none(tree):
+    # Strict JSON has no NaN; an undefined metric is null.
+    if isinstance(tree, dict):
+        return {k: _nan_to_none(v) for k, v in tree.items()}
+    if isinstance(tree, float) and not math.isfinite(tree):
+        return None
+    return tree
+
+
+def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdown: str) -> None:
+    """table3.md, table3.csv (one row per dataset + average), results.json, predictions_*.csv."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'table3.md'), 'w') as f:
+        f.write(markdown + '\n')
+    with open(os.path.join(out_dir, 'table3.csv'), 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['dataset', 'split', 'n_images', 'n_failed', *METRICS])
+        for key, r in results.items():
+            writer.writerow([key, summary['split'], r['n_images'], r['n_failed'],
+                             *(r['metrics'][m] for m in METRICS)])
+        avg = summary['average']
+        writer.writerow(['average', summary['split'], sum(r['n_images'] for r in results.values()),
+                         sum(r['n_failed'] for r in results.values()), *(avg[m] for m in METRICS)])
+    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+        json.dump(_nan_to_none(summary), f, indent=2)
+    for key, r in results.items():
+        with open(os.path.join(out_dir, f'predictions_{key}.csv'), 'w', newline='') as f:
+            writer = csv.DictWriter(f, ['name', 'label'] + predict.COLUMNS)
+            writer.writeheader()
+            writer.writerows(r['rows'])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m smartiqa_jax.evaluate', description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    predict.add_model_flags(parser)
+    parser.add_argument('--datasets', default='koniq',
+                        help=f'comma-separated, from {",".join(DATASETS)} (default koniq)')
+    parser.add_argument('--data-root', default=None, help='folder holding one folder per dataset')
+    for key, info in DATASETS.items():
+        parser.add_argument(f'--{key}-root', default=None, help=f'the {info.title} folder')
+    parser.add_argument('--split', default='test', choices=SPLIT_CHOICES,
+                        help='split to test on (default test; all = every image of the dataset)')
+    parser.add_argument('--logistic', action='store_true',
+                        help='add a Table III row of PLCC after a 4-parameter logistic fit')
+    parser.add_argument('--output-dir', default=None,
+                        help='where the tables go (default: evaluation/<checkpoint name>)')
+    parser.add_argument('--no-progress', action='store_true')
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point; returns the exit status (0 done, 2 usage or missing data)."""
+    args, status = predict.parse_args(_parser(), argv)
+    if args is None:
+        return status
+    try:
+        keys = list(dict.fromkeys(dataset_key(n) for n in args.datasets.split(',') if n.strip()))
+        if not keys:
+            raise UsageError('--datasets is empty')
+        roots = {k: find_root(k, getattr(args, f'{k}_root'), args.data_root) for k in keys}
+        records = {k: read_records(k, roots[k], args.split) for k in keys}
+        model, prep, directory = predict.load_for_scoring(args)
+        scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size)
+    except UsageError as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    results = {}
+    for key in keys:
+        results[key] = evaluate_records(scorer, records[key], prep, workers=args.workers,
+                                        progress=not args.no_progress, desc=DATASETS[key].title)
+    elapsed = time.perf_counter() - start
+    c = model.config
+    model_name = f'SMART-IQA {c.variant}/{c.fusion}'
+    summary = {
+        'checkpoint': str(directory), 'model': model_name, 'label': c.label_name,
+        'split': args.split, 'preprocessing': prep.describe(),
+        'plcc': 'raw Pearson correlation (no fit); plcc_logistic: after a 4-parameter logistic fit',
+        'datasets': {k: {'title': DATASETS[k].title, 'root': os.path.abspath(roots[k]),
+                         'n_images': r['n_images'], 'n_failed': r['n_failed'], **r['metrics']}
+                     for k, r in results.items()},
+        'average': average(results), 'seconds': round(elapsed, 1),
+    }
+    markdown = (f'{model_name} ({directory}), {args.split} split; {prep.describe()}. '
+                f'PLCC is raw (no logistic fit); Average is the mean over the datasets.\n\n'
+                + format_table(results, model_name, args.logistic) + '\n\n'
+                + format_details(results, args.split))
+    out_dir = args.output_dir or os.path.join('evaluation', Path(directory).name)
+    write_outputs(out_dir, results, summary, markdown)
+    n = sum(r['n_images'] for r in results.values())
+    print(markdown)
+    print(f'\n{n} images in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.2f} images/s); '
+          f'tables in {os.path.abspath(out_dir)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""scripts/attention_analysis.py (Fig. 6) and scripts/model_size.py (Table IV) produce
+their outputs; the cli dispatches to each command."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+
+import pytest
+from flax import nnx
+from PIL import Image
+
+from smartiqa_jax import checkpoint, cli
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from tests import test_data_fixtures as fixtures
+
+SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts')
+FAST = ['--crops', '1', '--crop-mode', 'center', '--batch-size', '4']
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(SCRIPTS, f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ckpt')
+    out = {}
+    for fusion in ('attention', 'multiscale'):
+        out[fusion] = str(checkpoint.save_model(
+            root / fusion, SmartIQA(ModelConfig('nano', fusion), rngs=nnx.Rngs(0))))
+    return out
+
+
+def test_attention_figure_from_a_dataset(checkpoints, tmp_path, capsys):
+    fixtures.make_kadid(str(tmp_path / 'kadid'), refs=10, per_ref=2)
+    out = tmp_path / 'fig'
+    analysis = _script('attention_analysis')
+    status = analysis.main(['--checkpoint', checkpoints['attention'], '--dataset', 'kadid',
+                            '--root', str(tmp_path / 'kadid'), '--split', 'all',
+                            '--pick', 'lowest,highest', '--count', '2', '--out', str(out), *FAST])
+    assert status == 0
+    with open(out / 'stage_weights.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['pick'] for r in rows] == ['lowest', 'lowest', 'highest', 'highest']
+    labels = [float(r['label']) for r in rows]
+    assert labels[0] <= labels[1] <= labels[2] <= labels[3]
+    for r in rows:
+        assert sum(float(r[f'weight_stage{i}']) for i in range(1, 5)) == pytest.approx(1, abs=1e-5)
+    assert len(json.loads((out / 'stage_weights.json').read_text())) == 4
+    png = out / 'attention.png'
+    assert png.stat().st_size > 10_000
+    with Image.open(png) as img:
+        assert img.width > 300 and img.height > 300
+    assert 'mean stage weights' in capsys.readouterr().out
+
+
+def test_attention_analysis_refuses_models_without_attention(checkpoints, tmp_path, capsys):
+    image = fixtures.write_image(str(tmp_path / 'a.png'))
+    analysis = _script('attention_analysis')
+    assert analysis.main(['--checkpoint', checkpoints['multiscale'], image,
+                          '--out', str(tmp_path / 'o'), *FAST]) == 2
+    assert "fusion 'multiscale'" in capsys.readouterr().err
+    assert not (tmp_path / 'o').exists()
+    # Explicit images work too, without labels.
+    assert analysis.main(['--checkpoint', checkpoints['attention'], image,
+                          '--out', str(tmp_path / 'p'), *FAST]) == 0
+    assert (tmp_path / 'p' / 'attention.png').stat().st_size > 0
+
+
+def test_size_table_nano_with_speed_and_tiny_params(tmp_path, capsys):
+    size = _script('model_size')
+    assert size.main(['--variants', 'nano', '--batch', '2', '--min-seconds', '0.2',
+                      '--json', str(tmp_path / 'nano.json')]) == 0
+    table = capsys.readouterr().out
+    row = [line for line in table.splitlines() if line.startswith('| nano')][0]
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert float(cells[7]) > 0 and float(cells[8]) > 0  # GFLOPs/image, images/s
+    numbers = json.loads((tmp_path / 'nano.json').read_text())['rows'][0]
+    assert numbers['flops'] > 1e8
+
+    assert size.main(['--variants', 'tiny', '--no-speed', '--no-flops']) == 0
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| tiny')][0]
+    cells = [c.strip() for c in row.strip('|').split('|')]
+    assert cells[5] == cells[6] == '29.52'  # total == SPEC's
+    assert sum(float(c) for c in cells[1:5]) == pytest.approx(29.52, abs=0.02)
+
+
+def test_cli_dispatches_and_reports_unknown_commands(capsys, monkeypatch):
+    assert cli.main([]) == 2
+    assert cli.main(['--help']) == 0
+    assert 'predict' in capsys.readouterr().out
+    assert cli.main(['frobnicate']) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    seen = {}
+    from smartiqa_jax import evaluate, predict
+    monkeypatch.setattr(predict, 'main', lambda argv: seen.setdefault('predict', argv) and 1)
+    monkeypatch.setattr(evaluate, 'main', lambda argv: seen.setdefault('evaluate', argv) and 0)
+    assert cli.main(['predict', '--checkpoint', 'c', 'x.jpg']) == 1
+    assert cli.main(['evaluate', '--datasets', 'koniq']) == 0
+    assert seen == {'predict': ['--checkpoint', 'c', 'x.jpg'], 'evaluate': ['--datasets', 'koniq']}
+    assert cli.main(['convert', '--help']) == 0  # argparse's sys.exit becomes a status
+    assert cli.main(['convert', 'to-pytorch']) == 2

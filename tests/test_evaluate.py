@@ -1,0 +1,103 @@
+"""evaluate: Table III from small datasets in their real layouts; numbers equal scipy's on
+the saved per-image predictions; missing data named."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+from flax import nnx
+
+from smartiqa_jax import checkpoint, evaluate
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from tests import test_data_fixtures as fixtures
+
+FAST = ['--crops', '1', '--crop-mode', 'center', '--batch-size', '4', '--no-progress']
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ckpt') / 'nano'
+    checkpoint.save_model(path, SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0)))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('data')
+    fixtures.make_koniq(str(root / 'koniq10k'), n=12)
+    fixtures.make_spaq(str(root / 'spaq'), n=20)
+    fixtures.make_kadid(str(root / 'kadid10k'), refs=10, per_ref=2)
+    fixtures.make_agiqa(str(root / 'AGIQA-3K'), n=20)
+    return root
+
+
+def _read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_table3_from_fixture_datasets_matches_scipy(ckpt, data_root, tmp_path, capsys):
+    out = tmp_path / 'eval'
+    status = evaluate.main(['--checkpoint', ckpt, '--datasets', 'koniq,spaq,kadid,agiqa',
+                            '--data-root', str(data_root), '--output-dir', str(out), '--logistic',
+                            *FAST])
+    assert status == 0
+    printed = capsys.readouterr().out
+    table = (out / 'table3.md').read_text()
+    assert table.strip() in printed
+    header = [line for line in table.splitlines() if line.startswith('| Model |')][0]
+    for title in ('KonIQ-10k', 'SPAQ', 'KADID-10K', 'AGIQA-3K', 'Average'):
+        assert f'{title} SRCC | {title} PLCC' in header
+    assert 'PLCC is raw' in table and 'logistic fit' in table
+
+    summary = {row['dataset']: row for row in _read_csv(out / 'table3.csv')}
+    assert list(summary) == ['koniq', 'spaq', 'kadid', 'agiqa', 'average']
+    srccs, plccs = [], []
+    for key in ('koniq', 'spaq', 'kadid', 'agiqa'):
+        rows = _read_csv(out / f'predictions_{key}.csv')
+        assert all(r['error'] == '' for r in rows)
+        pred = np.array([float(r['score']) for r in rows])
+        label = np.array([float(r['label']) for r in rows])
+        assert int(summary[key]['n_images']) == len(rows) >= 4
+        srcc = scipy.stats.spearmanr(pred, label)[0]
+        plcc = scipy.stats.pearsonr(pred, label)[0]
+        assert float(summary[key]['srcc']) == pytest.approx(srcc, abs=1e-12)
+        assert float(summary[key]['plcc']) == pytest.approx(plcc, abs=1e-12)
+        assert float(summary[key]['rmse']) == pytest.approx(np.sqrt(np.mean((pred - label) ** 2)))
+        srccs.append(srcc)
+        plccs.append(plcc)
+        # The table prints the same numbers, to 4 decimals.
+        assert f'{srcc:.4f} | {plcc:.4f}' in table
+    assert float(summary['average']['srcc']) == pytest.approx(np.mean(srccs), abs=1e-12)
+    assert float(summary['average']['plcc']) == pytest.approx(np.mean(plccs), abs=1e-12)
+    results = json.loads((out / 'results.json').read_text())
+    assert results['split'] == 'test' and 'raw' in results['plcc']
+    assert results['datasets']['koniq']['n_images'] == 4  # official split: every third image
+
+
+def test_missing_dataset_names_where_it_looked(ckpt, data_root, tmp_path, capsys):
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'koniq,kadid',
+                          '--data-root', str(tmp_path), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert 'KonIQ-10k: not found; looked in' in err and str(tmp_path / 'koniq10k') in err
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'spaq',
+                          '--spaq-root', str(tmp_path / 'nowhere'), *FAST]) == 2
+    assert str(tmp_path / 'nowhere') in capsys.readouterr().err
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'tid2013',
+                          '--data-root', str(data_root), *FAST]) == 2
+    assert "unknown dataset 'tid2013'" in capsys.readouterr().err
+
+
+def test_logistic_plcc_recovers_a_monotonic_link():
+    rng = np.random.default_rng(0)
+    pred = rng.uniform(-3, 3, 200)
+    target = evaluate.logistic_4(pred, 90, 10, 0.5, 0.8) + rng.normal(0, 0.5, 200)
+    raw = scipy.stats.pearsonr(pred, target)[0]
+    fitted = evaluate.plcc_after_logistic(pred, target)
+    assert fitted > raw and fitted > 0.99
+    assert math.isnan(evaluate.plcc_after_logistic(np.ones(10), target[:10]))

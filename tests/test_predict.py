@@ -1,0 +1,226 @@
+"""predict: scoring folders of good and bad files, exit status, batch independence,
+repeatability, interrupted runs, large images, outputs.
+
+A nano SMART-IQA checkpoint and a handful of small images: every test calls
+`predict.main` in this process, so the model is built once and each batch shape is
+compiled once (and then found in the persistent compilation cache).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from smartiqa_jax import checkpoint, predict
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+
+GOOD = ['photo.jpg', 'gray.png', 'rgba.png', 'sub/nested.jpg', 'large.jpg']
+BAD = {  # file -> a word its error message must contain
+    'corrupt.jpg': 'not an image',
+    'truncated.jpg': 'truncated',
+    'empty.jpg': '0 bytes',
+    'notes.jpg': 'not an image',
+}
+FAST = ['--crops', '1', '--crop-mode', 'center', '--batch-size', '4', '--no-progress']
+
+
+def _texture(height, width, seed):
+    """Smooth colour gradients plus noise: realistic JPEG sizes, distinct per seed."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], -1) * 200
+    base += rng.normal(0, 20, (1, 1, 3)) + rng.normal(0, 8, (height, width, 3))
+    return np.clip(base, 0, 255).astype(np.uint8)
+
+
+def _jpeg_bytes(height, width, seed):
+    out = io.BytesIO()
+    Image.fromarray(_texture(height, width, seed)).save(out, 'JPEG', quality=90)
+    return out.getvalue()
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ckpt') / 'nano'
+    checkpoint.save_model(path, SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0)))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp('images')
+    (root / 'sub').mkdir()
+    Image.fromarray(_texture(300, 400, 0)).save(root / 'photo.jpg')
+    Image.fromarray(_texture(240, 260, 1)).convert('L').save(root / 'gray.png')
+    rgba = Image.fromarray(_texture(256, 300, 2)).convert('RGBA')
+    rgba.putalpha(128)
+    rgba.save(root / 'rgba.png')
+    Image.fromarray(_texture(260, 230, 3)).save(root / 'sub' / 'nested.jpg')
+    (root / 'large.jpg').write_bytes(_jpeg_bytes(3000, 4000, 4))
+    (root / 'corrupt.jpg').write_bytes(np.random.default_rng(5).bytes(3000))
+    (root / 'truncated.jpg').write_bytes(_jpeg_bytes(300, 400, 6)[:2500])
+    (root / 'empty.jpg').write_bytes(b'')
+    (root / 'notes.jpg').write_text('these are notes, not a photo\n')
+    (root / 'readme.txt').write_text('not collected from a folder: no image extension\n')
+    return root
+
+
+def _read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def test_folder_with_bad_files_scores_the_good_and_reports_the_bad(ckpt, folder, tmp_path, capsys):
+    out = tmp_path / 'scores.csv'
+    missing = str(folder / 'missing.jpg')
+    status = predict.main(['--checkpoint', ckpt, str(folder), missing, '--output', str(out), *FAST])
+    assert status == 1
+    rows = {os.path.relpath(r['path'], folder): r for r in _read_csv(out)}
+    assert list(_read_csv(out)[0]) == predict.COLUMNS
+    assert set(rows) == set(GOOD) | set(BAD) | {'missing.jpg'}  # readme.txt not collected
+    for name in GOOD:
+        row = rows[name]
+        assert row['error'] == '', (name, row['error'])
+        assert np.isfinite(float(row['score']))
+        weights = [float(row[f'weight_stage{i}']) for i in range(1, 5)]
+        assert sum(weights) == pytest.approx(1.0, abs=1e-5)
+    for name, word in BAD.items():
+        assert rows[name]['score'] == '' and word in rows[name]['error'], rows[name]
+    assert 'no such file' in rows['missing.jpg']['error']
+    err = capsys.readouterr().err
+    assert 'scored 5 images, failed 5' in err
+    assert f'{folder / "truncated.jpg"}:' in err  # warnings name the file
+
+
+def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, capsys):
+    out = tmp_path / 'scores.json'
+    good = [str(folder / n) for n in ('photo.jpg', 'gray.png')]
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(out), *FAST]) == 0
+    rows = json.loads(out.read_text())
+    assert [r['path'] for r in rows] == good and all(r['error'] == '' for r in rows)
+
+    empty = tmp_path / 'empty_folder'
+    empty.mkdir()
+    assert predict.main(['--checkpoint', ckpt, str(empty), *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, str(tmp_path / 'none*.jpg'), *FAST]) == 2
+    assert predict.main(['--checkpoint', str(tmp_path / 'no_ckpt'), *good, *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--resize', '512by384', *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--crop-mode', 'center', '--crops', '3']) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(tmp_path / 'x.xlsx')]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--bogus']) == 2
+    err = capsys.readouterr().err
+    assert 'no input images found' in err and 'no_ckpt' in err and '512by384' in err
+
+
+def test_scores_do_not_depend_on_batch_neighbours_and_repeat(ckpt, folder, tmp_path):
+    names = ['photo.jpg', 'gray.png', 'rgba.png', 'sub/nested.jpg', 'large.jpg']
+    paths = [str(folder / n) for n in names]
+    flags = ['--crops', '2', '--crop-mode', 'random', '--seed', '3', '--no-progress']
+
+    def run(inputs, batch, name, extra=()):
+        out = tmp_path / name
+        assert predict.main(['--checkpoint', ckpt, *inputs, '--batch-size', str(batch),
+                             '--output', str(out), *flags, *extra]) == 0
+        return {r['path']: r for r in _read_csv(out)}
+
+    alone = run(paths[:1], 1, 'alone.csv')
+    crowd = run(paths[::-1], 4, 'crowd.csv')  # photo.jpg last: in the padded second batch
+    again = run(paths[::-1], 4, 'again.csv')
+    assert float(alone[paths[0]]['score']) == pytest.approx(float(crowd[paths[0]]['score']), abs=1e-5)
+    for i in range(1, 5):
+        key = f'weight_stage{i}'
+        assert float(alone[paths[0]][key]) == pytest.approx(float(crowd[paths[0]][key]), abs=1e-6)
+    assert crowd == again  # same command, same output, to the last digit
+    other_seed = run(paths[:1], 1, 'seed4.csv', ['--seed', '4'])
+    assert other_seed[paths[0]]['score'] != alone[paths[0]]['score']
+
+
+def test_one_compilation_for_many_batches(ckpt, folder):
+    model = checkpoint.load(ckpt)
+    prep = predict.Preprocessing(crops=1, crop_mode='center')
+    scorer = predict.Scorer(model, batch_images=2, crops=1)
+    paths = [str(folder / n) for n in GOOD]
+    before = scorer.compilations
+    batches = list(predict.score_files(scorer, paths, prep))
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert scorer.compilations - before <= 1  # 0 when an earlier test compiled this shape
+    after = scorer.compilations
+    list(predict.score_files(predict.Scorer(model, batch_images=2, crops=1), paths[:1], prep))
+    assert scorer.compilations == after  # a new scorer of the same shape reuses the program
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C or a crash (a real KeyboardInterrupt would also stop pytest)."""
+
+
+def test_interrupted_run_keeps_finished_batches(ckpt, folder, tmp_path, monkeypatch):
+    calls = []
+    original = predict.Scorer.__call__
+
+    def failing_second_batch(self, crops):
+        calls.append(len(crops))
+        if len(calls) == 2:
+            raise Interrupted
+        return original(self, crops)
+
+    monkeypatch.setattr(predict.Scorer, '__call__', failing_second_batch)
+    out = tmp_path / 'partial.csv'
+    paths = [str(folder / n) for n in GOOD]
+    with pytest.raises(Interrupted):
+        predict.main(['--checkpoint', ckpt, *paths, '--output', str(out), *FAST])
+    rows = _read_csv(out)
+    assert [r['path'] for r in rows] == paths[:4]
+    assert all(r['score'] for r in rows)
+
+
+def test_large_images_are_reduced_and_bombs_refused(folder):
+    prep = predict.Preprocessing()
+    data = (folder / 'large.jpg').read_bytes()
+    pixels = predict.load_image(data, prep, 'large.jpg')
+    assert pixels.shape == (512, 384, 3) and pixels.dtype == np.uint8
+    # Aspect-preserving resize of a 4000x3000 photo, and no upscaling beyond it.
+    assert predict.load_image(data, predict.Preprocessing(resize=600), 'x').shape == (600, 800, 3)
+    small = (folder / 'photo.jpg').read_bytes()
+    with pytest.raises(predict.preprocess.ImageDecodeError, match='decompression-bomb'):
+        predict.load_image(small, predict.Preprocessing(max_pixels=10_000), 'photo.jpg')
+
+
+def test_early_reduction_stays_close_to_a_full_decode(tmp_path):
+    """The cheap paths (JPEG draft, PNG box reduce) give nearly the full-decode result."""
+    pixels = _texture(2400, 3200, 7)
+    for fmt in ('JPEG', 'PNG'):
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, fmt)
+        data = out.getvalue()
+        full = predict.preprocess.resize_image(predict.preprocess.decode_image(data), (512, 384))
+        fast = predict.load_image(data, predict.Preprocessing(), fmt)
+        assert fast.shape == full.shape == (512, 384, 3)
+        assert np.abs(fast.astype(int) - full.astype(int)).mean() < 2.0, fmt
+
+
+def test_same_pixels_as_the_training_preprocessing(folder):
+    """Below twice the target size nothing is reduced early: exactly decode + resize."""
+    data = (folder / 'photo.jpg').read_bytes()
+    expected = predict.preprocess.resize_image(
+        predict.preprocess.decode_image(data), (512, 384), 224)
+    np.testing.assert_array_equal(predict.load_image(data, predict.Preprocessing()), expected)
+
+
+def test_find_inputs_files_folders_globs(folder):
+    found = predict.find_inputs([str(folder / 'sub'), str(folder / '*.png'), str(folder / 'photo.jpg'),
+                                 str(folder / 'photo.jpg')])
+    assert [os.path.relpath(p, folder) for p in found] == ['sub/nested.jpg', 'gray.png', 'rgba.png',
+                                                            'photo.jpg']
+
+
+@pytest.mark.parametrize('text, spec', [('512x384', (512, 384)), ('short:300', 300), ('none', None),
+                                        ('koniq', (512, 384))])
+def test_parse_resize(text, spec):
+    assert predict.parse_resize(text) == spec
