@@ -44,20 +44,28 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, min_seconds: float = 3.0) -> f
     return 2 * n**3 / timed(lambda: f(a).block_until_ready(), min_seconds=min_seconds)
 
 
-def jax_forward(variant: str, fusion: str, dtype: str):
+def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None):
     model = SmartIQA(ModelConfig(variant, fusion, dtype=dtype), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def forward(state, x):
-        return nnx.merge(graphdef, state)(x)['score']
+        return nnx.merge(graphdef, state)(x, micro_batch=micro_batch)['score']
 
     return model, state, forward
 
 
+def model_flops(variant: str, fusion: str, dtype: str, state, x) -> float:
+    """XLA's FLOP count of the plain forward (a lax.map body would be counted only once)."""
+    _, _, plain = jax_forward(variant, fusion, dtype, None)
+    cost = plain.lower(state, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get('flops', 0.0))
+
+
 def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, torch_too: bool,
-                  min_seconds: float, peak: float) -> list[dict]:
-    model, state, forward = jax_forward(variant, fusion, dtype)
+                  min_seconds: float, peak: float, micro_batch: int | None) -> list[dict]:
+    model, state, forward = jax_forward(variant, fusion, dtype, micro_batch)
     reference = None
     if torch_too:
         import torch
@@ -71,12 +79,10 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
     for batch in batches:
         x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 224, 224, 3)), jnp.float32)
         compiled = forward.lower(state, x).compile()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        flops = float(cost.get('flops', 0.0)) / batch
+        flops = model_flops(variant, fusion, dtype, state, x) / batch
         compiled(state, x).block_until_ready()
         seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
-        row = dict(variant=variant, fusion=fusion, dtype=dtype, batch=batch,
+        row = dict(variant=variant, fusion=fusion, dtype=dtype, batch=batch, micro_batch=micro_batch,
                    jax_images_per_s=batch / seconds, gflops_per_image=flops / 1e9,
                    jax_share_of_matmul_peak=flops * batch / seconds / peak)
         if reference is not None:
@@ -93,7 +99,8 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
 
 
 def _format_row(row: dict) -> str:
-    text = (f"{row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} batch {row['batch']:>3}: "
+    text = (f"{row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} batch {row['batch']:>3} "
+            f"(micro-batch {row['micro_batch'] or '-'}): "
             f"JAX {row['jax_images_per_s']:7.2f} img/s")
     if 'torch_images_per_s' in row:
         text += f", PyTorch {row['torch_images_per_s']:7.2f} img/s, ratio {row['jax_over_torch']:.2f}x"
@@ -109,6 +116,9 @@ def main():
     parser.add_argument('--batches', nargs='+', type=int, default=[8, 32])
     parser.add_argument('--fusion', default='attention')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--micro-batch', type=int, default=0,
+                        help='JAX: run the high-resolution stages this many images at a time '
+                             '(0: off); see SwinTransformer.__call__')
     parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
     parser.add_argument('--min-seconds', type=float, default=5.0, help='timing window per case')
     parser.add_argument('--json', help='also write the rows to this JSON file')
@@ -122,7 +132,7 @@ def main():
     rows = []
     for variant in args.variants:
         rows += bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
-                              args.min_seconds, peak)
+                              args.min_seconds, peak, args.micro_batch or None)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'device': str(device), 'matmul_peak_flops': peak, 'rows': rows}, f, indent=1)

@@ -147,9 +147,9 @@ def target_network(params: dict[str, jax.Array], x: jax.Array, rate: float = 0.0
 # ----------------------------------------------------------------------------- the module
 
 
-@nnx.jit
-def _predict(model: 'SmartIQA', images: jax.Array) -> dict[str, jax.Array]:
-    return model(images)
+@nnx.jit(static_argnums=2)
+def _predict(model: 'SmartIQA', images: jax.Array, micro_batch: int | None) -> dict[str, jax.Array]:
+    return model(images, micro_batch=micro_batch)
 
 
 def _linear(din, dout, rngs, kernel_init=_kaiming_normal, bias_init=None, use_bias=True):
@@ -215,24 +215,27 @@ class SmartIQA(nnx.Module):
         if deterministic is not None:
             self.deterministic = deterministic
 
-    def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> dict[str, jax.Array]:
-        out = self.analyse(images, rngs)
+    def __call__(self, images: jax.Array, rngs: nnx.Rngs | None = None,
+                 micro_batch: int | None = None) -> dict[str, jax.Array]:
+        out = self.analyse(images, rngs, micro_batch)
         return {'score': out['score'], 'stage_weights': out['stage_weights']}
 
-    def predict(self, images) -> dict[str, np.ndarray | None]:
+    def predict(self, images, micro_batch: int | None = None) -> dict[str, np.ndarray | None]:
         """Scores a batch in eval mode, jitted: (B, 224, 224, 3) normalised crops ->
         {'score': (B,) on the label scale, 'stage_weights': (B, 4) or None} as numpy.
 
         Each image's score depends only on that image (no batch statistics), so batch size
-        and neighbours do not change it beyond float rounding.
+        and neighbours do not change it beyond float rounding. `micro_batch`: see
+        SwinTransformer.__call__ (a CPU speed-up; results unchanged).
         """
         images = jnp.asarray(images, jnp.float32)
         if images.ndim != 4 or images.shape[1:] != (224, 224, 3):
             raise ValueError(f'predict expects (B, 224, 224, 3) NHWC crops, got {images.shape}')
-        out = _predict(nnx.view(self, deterministic=True), images)
+        out = _predict(nnx.view(self, deterministic=True), images, micro_batch)
         return jax.tree.map(np.asarray, out)
 
-    def analyse(self, images: jax.Array, rngs: nnx.Rngs | None = None) -> dict[str, Any]:
+    def analyse(self, images: jax.Array, rngs: nnx.Rngs | None = None,
+                micro_batch: int | None = None) -> dict[str, Any]:
         """Like `__call__`, plus 'stage_features', 'target_in' (B, 224), 'hyper_feature'
         (B, 7, 7, 112) and 'target_params' ({'w1': (B, 112, 224), ..., 'b5': (B, 1)})."""
         train = not self.deterministic
@@ -241,7 +244,7 @@ class SmartIQA(nnx.Module):
                              'call model.eval() for deterministic inference.')
         key = (lambda: rngs.dropout()) if train else (lambda: None)
         rate = self.config.dropout
-        stages = self.backbone(images, rngs if train else None)
+        stages = self.backbone(images, rngs if train else None, micro_batch)
         stages = [s.astype(jnp.float32) for s in stages]
         b = images.shape[0]
 

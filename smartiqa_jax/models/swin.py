@@ -257,11 +257,26 @@ class SwinTransformer(nnx.Module):
                                     rates[start:start + variant.depths[i]], rngs=rngs, dtype=dtype))
         self.layers = nnx.List(stages)
 
-    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> list[jax.Array]:
-        """x: (B, H, W, 3) normalised -> [(B,H/4,W/4,C), (B,H/8,W/8,2C), (B,H/16,W/16,4C), (B,H/32,W/32,8C)]."""
-        x = self.patch_embed(x)
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None,
+                 micro_batch: int | None = None) -> list[jax.Array]:
+        """x: (B, H, W, 3) normalised -> [(B,H/4,W/4,C), (B,H/8,W/8,2C), (B,H/16,W/16,4C), (B,H/32,W/32,8C)].
+
+        micro_batch: in inference, run the two high-resolution stages on this many images
+          at a time (`lax.map`). Their activations then stay in cache, which is worth more
+          than large matmuls on a memory-bound CPU; the low-resolution stages, whose cost
+          is reading weights, still see the whole batch. Results are unchanged.
+        """
+        b = x.shape[0]
+        if micro_batch and rngs is None and b > micro_batch and b % micro_batch == 0:
+            chunks = x.reshape(b // micro_batch, micro_batch, *x.shape[1:])
+            early = jax.lax.map(lambda c: self._stages(self.patch_embed(c), 0, 2, None), chunks)
+            features = [f.reshape(b, *f.shape[2:]) for f in early]
+            return features + self._stages(features[-1], 2, 4, None)
+        return self._stages(self.patch_embed(x), 0, 4, rngs)
+
+    def _stages(self, x: jax.Array, start: int, stop: int, rngs: nnx.Rngs | None) -> list[jax.Array]:
         features = []
-        for stage in self.layers:
+        for stage in self.layers[start:stop]:
             x = stage(x, rngs)
             features.append(x)
         return features
