@@ -1,11 +1,24 @@
-"""Shared test setup: a persistent XLA compilation cache, so the same model compiled in
-several tests (or in both xdist workers) is compiled once per machine."""
+"""Shared test setup: a persistent XLA compilation cache (the same model compiled in several
+tests, or in both xdist workers, is compiled once per machine) and shared fixtures."""
 
 import os
 
 import jax
+import pytest
 
 _CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       '.pytest_cache', 'jax_compilation_cache')
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
+
+
+@pytest.fixture(scope='session')
+def ckpt(tmp_path_factory):
+    """A saved nano attention-fusion model checkpoint (random weights); its path."""
+    from flax import nnx
+
+    from smartiqa_jax import checkpoint
+    from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+    path = tmp_path_factory.mktemp('ckpt') / 'nano'
+    checkpoint.save_model(path, SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0)))
+    return str(path)

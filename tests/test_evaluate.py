@@ -10,20 +10,11 @@ import math
 import numpy as np
 import pytest
 import scipy.stats
-from flax import nnx
 
-from smartiqa_jax import checkpoint, evaluate
-from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from smartiqa_jax import evaluate
 from tests import test_data_fixtures as fixtures
 
 FAST = ['--crops', '1', '--crop-mode', 'center', '--batch-size', '4', '--no-progress']
-
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp('ckpt') / 'nano'
-    checkpoint.save_model(path, SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0)))
-    return str(path)
 
 
 @pytest.fixture(scope='module')

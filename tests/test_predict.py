@@ -15,11 +15,9 @@ import os
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from smartiqa_jax import checkpoint, predict
-from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 
 GOOD = ['photo.jpg', 'gray.png', 'rgba.png', 'sub/nested.jpg', 'large.jpg']
 BAD = {  # file -> a word its error message must contain
@@ -44,13 +42,6 @@ def _jpeg_bytes(height, width, seed):
     out = io.BytesIO()
     Image.fromarray(_texture(height, width, seed)).save(out, 'JPEG', quality=90)
     return out.getvalue()
-
-
-@pytest.fixture(scope='module')
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp('ckpt') / 'nano'
-    checkpoint.save_model(path, SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0)))
-    return str(path)
 
 
 @pytest.fixture(scope='module')
