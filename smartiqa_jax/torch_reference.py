@@ -48,6 +48,10 @@ __all__ = [
 # Per-variant Swin geometry and the released regularisation defaults (SPEC 1.1,
 # 1.5). ``dropout`` is used for the hyper feature and between target layers.
 VARIANTS: dict[str, dict[str, Any]] = {
+    # Not released: the narrow Swin of smartiqa_jax's CPU demo (timm's Swin class with
+    # these widths), so that models trained on the demo can be exported and checked too.
+    "nano": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                 dropout=0.1, drop_path_rate=0.0),
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  dropout=0.3, drop_path_rate=0.2),
     "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
@@ -88,12 +92,15 @@ class _SwinLDA(nn.Module):
         # ``layers_3`` (no final norm, no head), which is exactly the naming of
         # the released checkpoints. Relative-position indices and shifted-window
         # masks are non-persistent buffers, so they are not in the state_dict.
+        geometry = {k: VARIANTS[variant][k] for k in ("embed_dim", "depths", "num_heads")}
         self.backbone = timm.create_model(
-            f"swin_{variant}_patch4_window7_224",
+            # timm has no nano; its tiny model with nano's widths is the same Swin class.
+            f"swin_{'tiny' if variant == 'nano' else variant}_patch4_window7_224",
             pretrained=False,
             features_only=True,
             out_indices=(0, 1, 2, 3),
             drop_path_rate=drop_path_rate,
+            **geometry,
         )
         # Stages 0..2: 1x1 conv (no bias) -> avg-pool 7/7 -> flatten (C,H,W) -> Linear.
         # Pooled maps: 56->8, 28->4, 14->2 spatially.

@@ -6,10 +6,13 @@ import os
 import jax
 import pytest
 
-_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      '.pytest_cache', 'jax_compilation_cache')
-jax.config.update('jax_compilation_cache_dir', _CACHE)
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
+_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'smartiqa_jax', 'test_jax_cache')
+# The environment variables reach the trainer subprocesses of test_train_parallel.py too.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '2')
+jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                  float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))
 
 
 @pytest.fixture(scope='session')

@@ -1,0 +1,146 @@
+"""The optimiser: AdamW with a learning rate and schedule per parameter group.
+
+SPEC 2: the Swin backbone trains at 5e-7 and everything else (the "head":
+local distortion branches, attention, hyper network) at 10x that, both with
+cosine annealing to a floor, weight decay 2e-4 and global-norm clipping at 1.
+
+Every parameter gets a group label from its path (`param_labels`): a path
+starting with `backbone` is 'backbone', all else 'head'. Unlabelled
+parameters are an error, so a renamed module cannot silently fall outside
+the optimiser. Gradient clipping runs on the whole gradient before the groups
+split, as torch's `clip_grad_norm_` over all parameters does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+GROUPS = ('backbone', 'head')
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _path_names(path) -> tuple[str, ...]:
+    """A pytree key path as plain strings: ('backbone', 'layers_0', ...)."""
+    names = []
+    for key in path:
+        for attr in ('key', 'name', 'idx'):
+            if hasattr(key, attr):
+                names.append(str(getattr(key, attr)))
+                break
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def group_of(path_names: tuple[str, ...]) -> str:
+    """'backbone' for parameters under the model's `backbone`, else 'head'."""
+    return 'backbone' if path_names and path_names[0] == 'backbone' else 'head'
+
+
+def param_labels(params) -> Any:
+    """A pytree like `params` with each leaf replaced by its group name.
+
+    Raises if any leaf ends up without a label from GROUPS.
+    """
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: group_of(_path_names(path)), params)
+    unlabelled = [
+        '/'.join(_path_names(path))
+        for path, label in jax.tree_util.tree_leaves_with_path(labels)
+        if label not in GROUPS
+    ]
+    assert not unlabelled, f'Parameters without an optimiser group: {unlabelled}'
+    return labels
+
+
+def count_by_group(params) -> dict[str, int]:
+    """Number of scalar parameters in each group (for the run's log line)."""
+    counts = {g: 0 for g in GROUPS}
+    for label, leaf in zip(jax.tree_util.tree_leaves(param_labels(params)),
+                           jax.tree_util.tree_leaves(params)):
+        counts[label] += int(leaf.size)
+    return counts
+
+
+def cosine_schedule(*, base_lr: float, min_lr: float, total_steps: int,
+                    warmup_steps: int = 0, steps_per_epoch: int = 1,
+                    per_epoch: bool = False) -> Schedule:
+    """Linear warmup to `base_lr`, then cosine from `base_lr` to the floor `min_lr`.
+
+    Warmup step i (0-based) uses base_lr * (i + 1) / warmup_steps, so no step
+    is wasted at rate 0.
+
+    Cosine as torch's CosineAnnealingLR with eta_min: lr = min_lr + (base_lr -
+    min_lr) * (1 + cos(pi * t / T)) / 2. When min_lr > base_lr (the released
+    backbone setting) the rate therefore rises; that is what the released code
+    does, so it is kept and not "fixed".
+
+    Args:
+      base_lr: rate at the end of warmup.
+      min_lr: rate at the end of training.
+      total_steps: optimiser steps in the whole run.
+      warmup_steps: steps of linear warmup (counted in `total_steps`).
+      steps_per_epoch: steps in one epoch; used when `per_epoch`.
+      per_epoch: hold the cosine rate constant within an epoch, stepping at
+        epoch boundaries as a per-epoch torch scheduler does. Warmup is per step.
+
+    Returns:
+      step (int array) -> learning rate (float32 array).
+    """
+    decay_steps = max(total_steps - warmup_steps, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        t = jnp.maximum(step - warmup_steps, 0.0)
+        if per_epoch:
+            t = jnp.floor(t / steps_per_epoch) * steps_per_epoch
+        progress = jnp.clip(t / decay_steps, 0.0, 1.0)
+        cosine = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        if warmup_steps <= 0:
+            return cosine
+        warm = base_lr * (step + 1.0) / warmup_steps
+        return jnp.where(step < warmup_steps, warm, cosine)
+
+    return schedule
+
+
+def make_schedules(optim: ml_collections.ConfigDict, *, steps_per_epoch: int,
+                   num_epochs: int) -> dict[str, Schedule]:
+    """One schedule per group from `config.optim` (see configs/base.py)."""
+    total_steps = steps_per_epoch * num_epochs
+    warmup_steps = int(round(optim.warmup_epochs * steps_per_epoch))
+    per_epoch = {'epoch': True, 'step': False}[optim.schedule_unit]
+    return {
+        group: cosine_schedule(
+            base_lr=optim[group].lr, min_lr=optim[group].min_lr,
+            total_steps=total_steps, warmup_steps=warmup_steps,
+            steps_per_epoch=steps_per_epoch, per_epoch=per_epoch)
+        for group in GROUPS
+    }
+
+
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   schedules: Mapping[str, Schedule]) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW per group with its schedule and decay.
+
+    Labels come from `param_labels` at `init` time, so the transformation works
+    for any parameter pytree whose top-level keys name the model's modules.
+    """
+    per_group = {
+        group: optax.adamw(
+            learning_rate=schedules[group],
+            b1=optim.b1, b2=optim.b2, eps=optim.eps,
+            weight_decay=optim[group].weight_decay)
+        for group in GROUPS
+    }
+    parts = []
+    if optim.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+    parts.append(optax.partition(per_group, param_labels))
+    return optax.chain(*parts)

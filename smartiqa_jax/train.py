@@ -1,0 +1,568 @@
+r"""Trains SMART-IQA and tests it: `train_and_evaluate(config, workdir)`.
+
+  python -m smartiqa_jax.train --config configs/demo.py
+  python -m smartiqa_jax.train --config configs/base.py --workdir workdirs/base \
+      --config.data.root=/data/koniq10k --config.train.loss=plcc
+
+Each epoch trains on random crops, then scores the validation split with the
+multi-crop protocol; the epoch with the best validation SRCC is the one
+tested at the end, on the test split and on every cross-dataset set the
+config lists (the test split never chooses anything). Running again with the
+same workdir resumes from its latest checkpoint, data order included; a
+finished run only repeats the final test.
+
+What lands in the workdir: checkpoints/ (orbax), metrics.jsonl (one JSON
+object per log line), tensorboard/ (event files), summary.json and
+curves.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from smartiqa_jax import losses, optim, sharding, train_state
+from smartiqa_jax.metrics import quality_metrics
+from smartiqa_jax.train_checkpoint import TrainCheckpoints
+
+
+class DatasetNotFoundError(RuntimeError):
+    """The config's dataset is not on disk; the message says how to get it."""
+
+
+# How to obtain each dataset, for the message when it is missing.
+_HOW_TO_GET = {
+    'koniq10k': (
+        'KonIQ-10k: download the 1024x768 images (koniq10k_1024x768.zip) and the '
+        'metadata from https://database.mmsp-kn.de/koniq-10k-database.html, unzip so '
+        'that ROOT/1024x768/*.jpg and ROOT/koniq10k_distributions_sets.csv exist (the '
+        'split csv is also in the repository\'s shared/data/koniq10k/).'),
+    'spaq': (
+        'SPAQ: download from https://github.com/h4nwei/SPAQ; ROOT holds the images '
+        'folder and "MOS and Image attribute scores.xlsx".'),
+    'kadid10k': (
+        'KADID-10k: download kadid10k.zip from https://database.mmsp-kn.de/kadid-10k-database.html; '
+        'ROOT holds images/ and dmos.csv.'),
+    'agiqa3k': (
+        'AGIQA-3K: download from https://github.com/lcysyzxdxc/AGIQA-3k-Database; '
+        'ROOT holds the images and data.csv.'),
+    'csv': 'A CSV + folder dataset: ROOT is the CSV file, images relative to its folder.',
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _expand(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path)) if path else path
+
+
+def load_splits(dataset: str, root: str, *, seed: int = 0):
+    """Records of every split of `dataset` under `root` (readers in smartiqa_jax.data).
+
+    Raises DatasetNotFoundError, naming where it looked and how to get the
+    data, when the files are not there.
+    """
+    from smartiqa_jax import data
+    root = _expand(root)
+    if dataset == 'demo':
+        return data.load_splits('demo', root, seed)
+    problem = None
+    if not root or not os.path.exists(root):
+        problem = f'{root or "(empty)"} does not exist'
+    else:
+        try:
+            return data.load_splits(dataset, root)
+        except (data.DataError, FileNotFoundError) as e:
+            problem = str(e)
+    raise DatasetNotFoundError(
+        f'Dataset {dataset!r} not found: looked in {root or "(no path)"} '
+        f'(config.data.root): {problem}.\n'
+        f'{_HOW_TO_GET.get(dataset, "See the README for the supported datasets.")}\n'
+        f'Then pass --config.data.root=ROOT (cross-dataset sets: --config.data.cross_datasets).\n'
+        f'configs/demo.py trains on a built-in demo dataset without any download:\n'
+        f'  python -m smartiqa_jax.train --config configs/demo.py')
+
+
+def _parse_cross_datasets(spec: str) -> list[tuple[str, str]]:
+    """'spaq=/data/spaq,kadid10k=/data/kadid' -> [('spaq', '/data/spaq'), ...]."""
+    pairs = []
+    for item in filter(None, (s.strip() for s in spec.split(','))):
+        name, sep, root = item.partition('=')
+        if not sep:
+            raise ValueError(f'config.data.cross_datasets entry {item!r} is not name=root')
+        pairs.append((name.strip(), root.strip()))
+    return pairs
+
+
+class TrainFeed:
+    """The training batches this process contributes to each global batch.
+
+    The data stream is cut into `shard_count` shards (config.data.shard_count,
+    default: one per process); this process reads its share of them and
+    concatenates their batches. So the global batch, and with it the whole
+    run, depends on the shard count only, not on how many processes run it:
+    one process reading two shards trains exactly as two processes reading
+    one each.
+    """
+
+    def __init__(self, records, data_config: ml_collections.ConfigDict, *,
+                 global_batch_size: int, seed: int):
+        from smartiqa_jax.data import make_train_loader
+        processes, index = jax.process_count(), jax.process_index()
+        shard_count = data_config.shard_count if data_config.shard_count > 0 else processes
+        if shard_count % processes:
+            raise ValueError(f'config.data.shard_count {shard_count} must be a multiple of '
+                             f'the {processes} processes.')
+        if global_batch_size % shard_count:
+            raise ValueError(f'The batch size {global_batch_size} does not divide into '
+                             f'{shard_count} data shards.')
+        per_process = shard_count // processes
+        self.loaders = [
+            make_train_loader(
+                records, batch_size=global_batch_size // shard_count, seed=seed,
+                patches_per_image=data_config.patches_per_image,
+                crop_size=data_config.crop_size, resize=_resize(data_config),
+                hflip=data_config.hflip, color_jitter=data_config.color_jitter,
+                worker_count=data_config.num_workers, shard_index=shard,
+                shard_count=shard_count, cache=data_config.cache)
+            for shard in range(index * per_process, (index + 1) * per_process)]
+        self.iterators = [iter(loader) for loader in self.loaders]
+        self.batches_per_epoch = self.loaders[0].batches_per_epoch
+        self.num_images = self.loaders[0].num_images
+
+    def next(self) -> dict[str, np.ndarray]:
+        parts = [next(it) for it in self.iterators]
+        return {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'score')}
+
+
+def _limit(records: list, count: int) -> list:
+    """The first `count` records (every fifth first, to keep the label spread); all if count <= 0."""
+    if count <= 0 or count >= len(records):
+        return records
+    order = list(range(0, len(records), 5)) + [i for i in range(len(records)) if i % 5]
+    return [records[i] for i in sorted(order[:count])]
+
+
+def _resize(data_config) -> Any:
+    resize = data_config.resize
+    return tuple(resize) if resize else None
+
+
+class EvalSet:
+    """One split scored with the multi-crop protocol (SPEC 2)."""
+
+    def __init__(self, name: str, records, data_config, *, batch_size: int, seed: int):
+        from smartiqa_jax.data import image_scores, make_eval_loader
+        self.name = name
+        self.loader = make_eval_loader(
+            records, global_batch_size=batch_size, crops=data_config.eval_crops,
+            crop_mode=data_config.eval_crop_mode, seed=seed,
+            crop_size=data_config.crop_size, resize=_resize(data_config),
+            worker_count=data_config.num_workers, cache=data_config.cache)
+        self.labels = image_scores(records)
+
+    def evaluate(self, eval_step, params, mesh) -> dict[str, float]:
+        """Per-image SRCC/PLCC/KRCC/RMSE after averaging each image's crops."""
+        from smartiqa_jax.data import aggregate_crops
+        preds, indices, masks = [], [], []
+        for batch in self.loader:
+            images = sharding.shard_batch({'image': batch['image']}, mesh)['image']
+            preds.append(_local_rows(eval_step(params, images)))
+            indices.append(batch['index'])
+            masks.append(batch['mask'])
+        local = [np.concatenate(x) for x in (preds, indices, masks)]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            local = [np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
+                     for x in local]
+        per_image = aggregate_crops(local[1], local[0], self.loader.num_images, mask=local[2])
+        keep = np.isfinite(per_image)  # images that failed to decode have no crops
+        result = quality_metrics(per_image[keep], self.labels[keep])
+        result['images'] = int(keep.sum())
+        return result
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded global array that this process fed, in order."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def model_config_from(config: ml_collections.ConfigDict):
+    """The SmartIQA ModelConfig of a run config (negative rates: released defaults)."""
+    from smartiqa_jax.models.smartiqa import ModelConfig
+    m = config.model
+    return ModelConfig(
+        variant=m.variant, fusion=m.fusion,
+        dropout=None if m.dropout < 0 else m.dropout,
+        drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
+        label_name=config.data.label_name, label_range=tuple(config.data.label_range),
+        dtype=config.train.compute_dtype)
+
+
+def _build_params(config, model_config, mesh, *, mean_label: float):
+    """Initial parameters: the model's init, then the config's backbone weights and score bias."""
+    from smartiqa_jax.models.smartiqa import SmartIQA
+    train_graphdef, eval_graphdef, params = train_state.init_params(
+        lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
+    changes = {}
+    if config.model.backbone_weights:
+        from smartiqa_jax import weights
+        model = nnx.merge(eval_graphdef, jax.device_get(params))
+        weights.load_timm_backbone(model, _expand(config.model.backbone_weights))
+        changes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if config.model.score_bias_init == 'mean_label':
+        # The score is b5 + w5 . q, and b5 is a Linear of the hyper feature: its
+        # bias sets where scores start. Starting at the mean label (instead of
+        # ~0 on a 0..100 scale) saves a from-scratch run hundreds of steps of
+        # only shifting its output, time in which the features do not learn.
+        pure = changes or jax.device_get(nnx.to_pure_dict(params))
+        pure['b5_fc']['bias'] = np.full_like(pure['b5_fc']['bias'], mean_label)
+        changes = pure
+    elif config.model.score_bias_init != 'model':
+        raise ValueError(f"config.model.score_bias_init must be 'model' or 'mean_label', "
+                         f"got {config.model.score_bias_init!r}")
+    if changes:
+        nnx.replace_by_pure_dict(params, jax.device_get(changes))
+        params = sharding.replicate(params, mesh)
+    return train_graphdef, eval_graphdef, params
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+class MetricLog:
+    """Metrics as JSON lines and TensorBoard scalars; only process 0 writes."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+            self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        if not self.active:
+            return
+        record = {'step': step, 'kind': kind, 'time': time.time(), **values}
+        self.jsonl.write(json.dumps(record) + '\n')
+        self.jsonl.flush()
+        for name, value in values.items():
+            if isinstance(value, (int, float)) and name not in ('epoch',):
+                self.tensorboard.add_scalar(f'{kind}/{name}', value, step)
+        self.tensorboard.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def plot_curves(history: Sequence[dict], path: str) -> None:
+    """PNG of train loss, validation SRCC and PLCC per epoch."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [h['epoch'] for h in history]
+    fig, (ax_loss, ax_corr) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h['train_loss'] for h in history], marker='o')
+    ax_loss.set(xlabel='epoch', ylabel='training loss', title='Training loss')
+    ax_corr.plot(epochs, [h['val_srcc'] for h in history], marker='o', label='SRCC')
+    ax_corr.plot(epochs, [h['val_plcc'] for h in history], marker='s', label='PLCC')
+    ax_corr.set(xlabel='epoch', ylabel='correlation', title='Validation')
+    ax_corr.legend()
+    for ax in (ax_loss, ax_corr):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_summary(results: dict[str, dict[str, float]], best_epoch: int) -> str:
+    """The final table: one row per evaluated set."""
+    lines = [f'Best epoch (by validation SRCC): {best_epoch}',
+             f'{"set":<24}{"images":>8}{"SRCC":>9}{"PLCC":>9}{"KRCC":>9}{"RMSE":>9}']
+    for name, m in results.items():
+        lines.append(f'{name:<24}{m["images"]:>8d}{m["srcc"]:>9.4f}{m["plcc"]:>9.4f}'
+                     f'{m["krcc"]:>9.4f}{m["rmse"]:>9.3f}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class Progress:
+    """Per-epoch history and early-stopping bookkeeping; stored in each checkpoint."""
+    history: list = dataclasses.field(default_factory=list)
+    best_epoch: int = 0
+    best_step: int = -1
+    best_srcc: float = -float('inf')
+    epochs_without_improvement: int = 0
+    stopped_early: bool = False
+    # Losses of the epoch in progress: saved mid-epoch, so a resumed epoch's
+    # mean loss is the same as an uninterrupted one's.
+    epoch_losses: list = dataclasses.field(default_factory=list)
+
+    def record_epoch(self, epoch: int, step: int, values: dict, patience: int) -> bool:
+        """Adds an epoch's results; returns True if it is now the best epoch."""
+        self.history.append(_nan_to_none({'epoch': epoch, 'step': step, **values}))
+        self.epoch_losses = []
+        srcc = values['val_srcc']
+        improved = bool(np.isfinite(srcc)) and srcc > self.best_srcc
+        if improved or self.best_step < 0:
+            self.best_epoch, self.best_step = epoch, step
+            self.best_srcc = float(srcc) if np.isfinite(srcc) else -float('inf')
+        self.epochs_without_improvement = 0 if improved else self.epochs_without_improvement + 1
+        if patience > 0 and self.epochs_without_improvement >= patience:
+            self.stopped_early = True
+        return self.best_step == step
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d['best_srcc'] = d['best_srcc'] if np.isfinite(d['best_srcc']) else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> 'Progress':
+        d = dict(d)
+        d['best_srcc'] = -float('inf') if d['best_srcc'] is None else d['best_srcc']
+        return cls(**d)
+
+
+def _nan_to_none(values: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v)
+            for k, v in values.items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains per `config` in `workdir` (resuming if it holds checkpoints), then tests.
+
+    Returns {'best_epoch', 'best_step', 'history', 'results': {set: metrics},
+    'steps', 'train_seconds'}; the same is written to workdir/summary.json.
+    """
+    workdir = _expand(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    say = print if is_main else (lambda *a, **k: None)
+
+    splits = load_splits(config.data.dataset, config.data.root, seed=config.data.split_seed)
+    splits = {name: _limit(records, config.data.max_images_per_split)
+              for name, records in splits.items()}
+    cross = [(name, load_splits(name, root)) for name, root in
+             _parse_cross_datasets(config.data.cross_datasets)]
+
+    mesh = sharding.make_mesh()
+    sharding.local_batch_size(config.train.batch_size, mesh)      # divisibility check
+    sharding.local_batch_size(config.train.eval_batch_size, mesh)
+    feed = TrainFeed(splits['train'], config.data, global_batch_size=config.train.batch_size,
+                     seed=config.seed)
+    steps_per_epoch = feed.batches_per_epoch
+    if config.train.max_steps_per_epoch > 0:
+        steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+    total_steps = steps_per_epoch * config.train.num_epochs
+    eval_kwargs = dict(batch_size=config.train.eval_batch_size, seed=config.seed)
+    val_set = EvalSet('validation', splits['validation'], config.data, **eval_kwargs)
+
+    model_config = model_config_from(config)
+    mean_label = float(np.mean([r.score for r in splits['train']]))
+    train_graphdef, eval_graphdef, params = _build_params(config, model_config, mesh,
+                                                          mean_label=mean_label)
+    schedules = optim.make_schedules(config.optim, steps_per_epoch=steps_per_epoch,
+                                     num_epochs=config.train.num_epochs)
+    tx = optim.make_optimizer(config.optim, schedules)
+    state = train_state.TrainState(
+        step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+        opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))
+    state = sharding.replicate(state, mesh)
+    state_sharding = jax.tree.map(lambda x: x.sharding, state)
+    loss_fn = losses.get_loss(config.train.loss, **config.train.loss_params.to_dict())
+    train_step = train_state.make_train_step(train_graphdef, tx, loss_fn, mesh, state_sharding)
+    eval_step = train_state.make_eval_step(eval_graphdef, mesh)
+
+    checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints,
+                                   num_data_iterators=len(feed.iterators))
+    progress = Progress()
+    step = 0
+    if checkpoints.latest_step() is not None:
+        restored = checkpoints.restore(
+            checkpoints.latest_step(), params=nnx.to_pure_dict(state.params),
+            train_state=_train_items(state), data_iterators=feed.iterators)
+        state = _with_restored(state, restored)
+        progress = Progress.from_json(restored['progress'])
+        if progress.best_step >= 0:
+            checkpoints.mark_best(progress.best_step, write=False)
+        step = int(jax.device_get(state.step))
+        say(f'Resumed from step {step} in {checkpoints.directory}')
+
+    counts = optim.count_by_group(state.params)
+    say(f'SMART-IQA {model_config.variant}/{model_config.fusion} on {config.data.dataset}: '
+        f'{feed.num_images} training images, {steps_per_epoch} steps/epoch of '
+        f'{config.train.batch_size}, {config.train.num_epochs} epochs; '
+        f'{jax.device_count()} {jax.devices()[0].platform} device(s), '
+        f'{jax.process_count()} process(es); parameters: backbone {counts["backbone"]:,}, '
+        f'head {counts["head"]:,}; loss {config.train.loss}; workdir {workdir}')
+
+    log = MetricLog(workdir)
+    config_json = json.loads(config.to_json())
+    started = time.time()
+
+    def save():
+        checkpoints.save(step, params=nnx.to_pure_dict(state.params),
+                         train_state=_train_items(state), data_iterators=feed.iterators,
+                         progress=progress.to_json(), config=config_json,
+                         model_config=_json_model_config(model_config))
+
+    while step < total_steps and not progress.stopped_early:
+        epoch = step // steps_per_epoch + 1
+        window_metrics, window_start = [], time.perf_counter()
+        bar = tqdm.tqdm(total=steps_per_epoch, initial=step % steps_per_epoch,
+                        desc=f'epoch {epoch}/{config.train.num_epochs}', unit='step',
+                        disable=not is_main or not config.train.progress_bar, leave=False)
+        while True:
+            batch = sharding.shard_batch(feed.next(), mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            window_metrics.append(metrics)
+            bar.update(1)
+            end_of_epoch = step % steps_per_epoch == 0
+            checkpoint_now = step % config.train.checkpoint_every_steps == 0 and not end_of_epoch
+            # Flush before a checkpoint too: its progress must hold every loss so far.
+            if step % config.train.log_every_steps == 0 or end_of_epoch or checkpoint_now:
+                window = jax.device_get(window_metrics)
+                elapsed = time.perf_counter() - window_start
+                values = {
+                    'loss': float(np.mean([m['loss'] for m in window])),
+                    'grad_norm': float(np.mean([m['grad_norm'] for m in window])),
+                    'images_per_sec': len(window) * config.train.batch_size / elapsed,
+                    **{f'lr_{g}': float(s(step - 1)) for g, s in schedules.items()},
+                }
+                progress.epoch_losses.extend(float(m['loss']) for m in window)
+                bar.set_postfix(loss=f'{values["loss"]:.4g}',
+                                img_s=f'{values["images_per_sec"]:.1f}')
+                log.write(step, 'train', values)
+                window_metrics, window_start = [], time.perf_counter()
+            if end_of_epoch:
+                break
+            if checkpoint_now:
+                save()
+        bar.close()
+
+        val = val_set.evaluate(eval_step, state.params, mesh)
+        values = {'train_loss': float(np.mean(progress.epoch_losses)),
+                  **{f'val_{k}': v for k, v in val.items() if k != 'images'}}
+        improved = progress.record_epoch(epoch, step, values, config.train.patience)
+        log.write(step, 'validation', {'epoch': epoch, **values})
+        say(f'epoch {epoch}: loss {values["train_loss"]:.4f}  validation SRCC '
+            f'{values["val_srcc"]:.4f} PLCC {values["val_plcc"]:.4f}'
+            f'{"  (best)" if improved else ""}  [{time.time() - started:.0f}s]')
+        save()
+        if improved:
+            checkpoints.wait()  # the best must never point at a step that is not on disk
+            checkpoints.mark_best(step, write=is_main)
+        if progress.stopped_early:
+            say(f'Early stop: no better validation SRCC for {config.train.patience} epochs.')
+    checkpoints.wait()
+    train_seconds = time.time() - started
+
+    # Test the best epoch (chosen on validation) on the test split and cross sets.
+    best_params = checkpoints.restore_params(progress.best_step, nnx.to_pure_dict(state.params))
+    nnx.replace_by_pure_dict(state.params, best_params)
+    test_sets = [EvalSet('test', splits['test'], config.data, **eval_kwargs)]
+    for name, cross_splits in cross:
+        records = [r for split in cross_splits for r in cross_splits[split]]
+        test_sets.append(EvalSet(f'{name} (all)', records, config.data, **eval_kwargs))
+    results = {}
+    for eval_set in test_sets:
+        results[eval_set.name] = eval_set.evaluate(eval_step, state.params, mesh)
+        log.write(progress.best_step, f'test/{eval_set.name}', results[eval_set.name])
+    checkpoints.close()
+    log.close()
+
+    summary = {'best_epoch': progress.best_epoch, 'best_step': progress.best_step,
+               'steps': step, 'train_seconds': train_seconds,
+               'stopped_early': progress.stopped_early, 'history': progress.history,
+               'results': {k: _nan_to_none(v) for k, v in results.items()}}
+    if is_main:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=1)
+        if progress.history:
+            plot_curves(progress.history, os.path.join(workdir, 'curves.png'))
+        print(format_summary(results, progress.best_epoch))
+        print(f'Wrote {workdir}/summary.json, curves.png, metrics.jsonl, tensorboard/')
+    return summary
+
+
+def _train_items(state: train_state.TrainState) -> dict:
+    """The non-parameter part of the state, as checkpointed."""
+    return {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}
+
+
+def _with_restored(state: train_state.TrainState, restored: dict) -> train_state.TrainState:
+    params = state.params
+    nnx.replace_by_pure_dict(params, restored['params'])
+    items = restored['train_state']
+    return state.replace(step=items['step'], params=params, opt_state=items['opt_state'],
+                         rng=items['rng'])
+
+
+def _json_model_config(model_config) -> dict:
+    d = model_config.to_dict()
+    d['label_range'] = list(d['label_range'])
+    return d
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> None:
+    """absl entry point; see the module docstring for the command."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file(
+        'config', None, 'Training config file (configs/*.py).', lock_config=True)
+    flags.DEFINE_string('workdir', None, 'Checkpoints, logs and results; default workdirs/<config>.')
+    flags.DEFINE_bool('distributed', False,
+                      'Multi-process run on a cluster JAX detects itself (TPU pod, SLURM, ...).')
+    flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process).')
+    flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process).')
+    flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+    flags.mark_flags_as_required(['config'])
+
+    def run(_):
+        from absl import logging
+        f = flags.FLAGS
+        # Orbax logs every save at INFO; the run's own lines say what matters.
+        logging.set_verbosity(logging.WARNING)
+        sharding.initialize_distributed(
+            auto=f.distributed, coordinator_address=f.coordinator_address,
+            num_processes=f.num_processes, process_id=f.process_id)
+        config_file = config_flags.get_config_filename(f['config'])
+        name = os.path.splitext(os.path.basename(config_file))[0]
+        workdir = f.workdir or os.path.join('workdirs', name)
+        try:
+            train_and_evaluate(config_flag.value, workdir)
+        except DatasetNotFoundError as e:
+            raise SystemExit(str(e)) from None
+
+    app.run(run, argv=argv)
+
+
+if __name__ == '__main__':
+    main()

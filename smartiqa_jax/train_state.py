@@ -1,0 +1,94 @@
+"""The training state and the jitted train and eval steps (pure functions).
+
+The model is split once into a static graph and its parameters
+(`nnx.split(model, nnx.Param)`); the steps rebuild it with `nnx.merge` inside
+`jit`, so the state that crosses the jit boundary is a plain pytree: the
+parameters, the optax state, the step and the run's base RNG key. Train and
+eval use two graph definitions (NNX keeps `deterministic` as a static
+attribute), taken from the model after `model.train()` / `model.eval()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import optax
+from flax import nnx
+
+from smartiqa_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything the train step reads and writes.
+
+    step: int32 scalar, optimiser steps taken. params: nnx.State of the
+    model's nnx.Param. opt_state: optax state for `params`. rng: uint32 (2,)
+    base key; the step's dropout key is `fold_in(rng, step)`, so the random
+    stream depends only on the step number and a resumed run draws exactly
+    what an uninterrupted one would.
+    """
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_train_step(train_graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+                    mesh: jax.sharding.Mesh, state_sharding: Any):
+    """A jitted `(state, batch) -> (state, metrics)`; `state` is donated.
+
+    batch: {'image': (B, 224, 224, 3) float32 NHWC, 'score': (B,) float32
+    labels}, a global batch sharded over the mesh's 'data' axis. metrics:
+    {'loss': scalar, 'grad_norm': scalar} (global-norm before clipping).
+    """
+
+    def step_fn(state: TrainState, batch: dict[str, jax.Array]):
+        key = jax.random.fold_in(state.rng, state.step)
+
+        def loss_of(params):
+            model = nnx.merge(train_graphdef, params)
+            scores = model(batch['image'], rngs=nnx.Rngs(dropout=key))['score']
+            return loss_fn(scores, batch['score'])
+
+        loss, grads = jax.value_and_grad(loss_of)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(step_fn, donate_argnums=(0,),
+                   out_shardings=(state_sharding, {'loss': replicated, 'grad_norm': replicated}))
+
+
+def make_eval_step(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
+    """A jitted `(params, images) -> scores`: (B, 224, 224, 3) -> (B,), sharded like the batch."""
+
+    def step_fn(params, images):
+        return nnx.merge(eval_graphdef, params)(images)['score']
+
+    return jax.jit(step_fn, out_shardings=sharding.batch_sharding(mesh))
+
+
+def init_params(build_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh):
+    """Builds the model and returns (train_graphdef, eval_graphdef, params).
+
+    The initialisers run inside one jit whose outputs are replicated over the
+    mesh: one compilation instead of one per parameter, and every process
+    computes the same values without any transfer.
+    """
+    abstract = nnx.eval_shape(build_model)
+    abstract.eval()
+    eval_graphdef, _ = nnx.split(abstract, nnx.Param)
+    abstract.train()
+    train_graphdef, _ = nnx.split(abstract, nnx.Param)
+
+    def create():
+        return nnx.state(build_model(), nnx.Param)
+
+    params = jax.jit(create, out_shardings=sharding.replicated(mesh))()
+    return train_graphdef, eval_graphdef, params

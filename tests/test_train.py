@@ -1,0 +1,168 @@
+"""The trainer end to end on a tiny config, its bookkeeping, and its messages."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import base, demo, smoke, small, tiny
+from smartiqa_jax import losses, optim, sharding, train, train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    from smartiqa_jax.data.demo import ensure_demo_dataset
+    root = tmp_path_factory.mktemp('demo')
+    ensure_demo_dataset(str(root))
+    return str(root)
+
+
+def test_tiny_config_runs_the_trainer_end_to_end(tmp_path, demo_root):
+    config = smoke.get_config()
+    config.data.root = demo_root
+    summary = train.train_and_evaluate(config, str(tmp_path))
+
+    assert summary['steps'] == 6 and len(summary['history']) == 2
+    val = [h['val_srcc'] if h['val_srcc'] is not None else -math.inf for h in summary['history']]
+    assert summary['best_epoch'] == 1 + int(np.argmax(val))      # chosen on validation
+    assert set(summary['results']) == {'test'}
+    assert set(summary['results']['test']) >= {'srcc', 'plcc', 'krcc', 'rmse', 'images'}
+    for name in ('summary.json', 'curves.png', 'metrics.jsonl'):
+        assert os.path.getsize(tmp_path / name) > 0
+    assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+    kinds = {json.loads(line)['kind'] for line in open(tmp_path / 'metrics.jsonl')}
+    assert kinds == {'train', 'validation', 'test/test'}
+
+    steps = sorted(int(s) for s in os.listdir(tmp_path / 'checkpoints') if s.isdigit())
+    best_step = summary['best_step']
+    assert best_step in steps and steps[-1] == 6        # the best is kept besides the latest
+    step_dir = tmp_path / 'checkpoints' / str(steps[-1])
+    assert {'params', 'train_state', 'data_0', 'progress', 'config', 'model_config'} <= set(
+        os.listdir(step_dir))
+
+    # smartiqa_jax.load(workdir) follows checkpoints/best_step to the best epoch.
+    from smartiqa_jax.checkpoint import find_checkpoint
+    assert find_checkpoint(tmp_path).name == str(best_step)
+
+    # Running again on a finished workdir only repeats the test.
+    again = train.train_and_evaluate(config, str(tmp_path))
+    assert again['results']['test'] == pytest.approx(summary['results']['test'], nan_ok=True)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    from smartiqa_jax.models.smartiqa import SmartIQA
+    config = smoke.get_config()
+    config.model.dropout = 0.0         # a clean signal: only the fit changes the loss
+    config.optim.backbone.lr = config.optim.head.lr = 1e-3
+    mesh = sharding.make_mesh()
+    model_config = train.model_config_from(config)
+    train_graphdef, _, params = train_state.init_params(
+        lambda: SmartIQA(model_config, rngs=nnx.Rngs(0)), mesh)
+    schedules = optim.make_schedules(config.optim, steps_per_epoch=20, num_epochs=1)
+    tx = optim.make_optimizer(config.optim, schedules)
+    state = sharding.replicate(train_state.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0)), mesh)
+    step = train_state.make_train_step(train_graphdef, tx, losses.l1_loss, mesh,
+                                       jax.tree.map(lambda x: x.sharding, state))
+    rng = np.random.default_rng(0)
+    batch = sharding.shard_batch({
+        'image': rng.normal(size=(4, 224, 224, 3)).astype(np.float32),
+        'score': np.array([20.0, 40.0, 60.0, 80.0], np.float32)}, mesh)
+    history = []
+    for _ in range(12):
+        state, metrics = step(state, batch)
+        history.append(float(metrics['loss']))
+    assert min(history[-4:]) < 0.5 * history[0], history
+
+
+def test_progress_keeps_the_best_epoch_and_stops_after_patience():
+    progress = train.Progress()
+    srccs = [0.5, 0.7, 0.6, float('nan'), 0.65]
+    stops = []
+    for epoch, srcc in enumerate(srccs, 1):
+        progress.record_epoch(epoch, 10 * epoch, {'val_srcc': srcc}, patience=3)
+        stops.append(progress.stopped_early)
+    assert (progress.best_epoch, progress.best_step, progress.best_srcc) == (2, 20, 0.7)
+    assert stops == [False, False, False, False, True]
+    assert progress.history[3]['val_srcc'] is None          # NaN stored as JSON null
+    restored = train.Progress.from_json(json.loads(json.dumps(progress.to_json())))
+    assert restored == progress
+
+
+def test_patience_zero_never_stops():
+    progress = train.Progress()
+    for epoch in range(1, 20):
+        progress.record_epoch(epoch, epoch, {'val_srcc': 0.1}, patience=0)
+    assert not progress.stopped_early and progress.best_epoch == 1
+
+
+def test_configs_select_ablations_by_key():
+    from smartiqa_jax.models.smartiqa import ModelConfig
+    for module, variant in ((base, 'base'), (small, 'small'), (tiny, 'tiny'), (demo, 'nano')):
+        config = module.get_config()
+        assert train.model_config_from(config).variant == variant
+    config = base.get_config()
+    assert train.model_config_from(config) == ModelConfig(
+        variant='base', fusion='attention', label_name=config.data.label_name)
+    for fusion in ('backbone', 'multiscale'):
+        config.model.fusion = fusion
+        assert train.model_config_from(config).fusion == fusion
+    for name in losses.LOSSES:
+        config.train.loss = name
+        losses.get_loss(config.train.loss, **config.train.loss_params.to_dict())
+    # SPEC 2's hyper-parameters.
+    assert (config.optim.backbone.lr, config.optim.head.lr) == (5e-7, 5e-6)
+    assert config.optim.head.weight_decay == 2e-4 and config.optim.grad_clip_norm == 1.0
+    assert (config.train.batch_size, config.train.num_epochs, config.train.patience) == (32, 10, 5)
+    assert config.data.patches_per_image == 20
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+    return subprocess.run([sys.executable, '-m', 'smartiqa_jax.train', *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_base_config_without_data_says_where_it_looked_and_what_to_do(tmp_path):
+    missing = tmp_path / 'no_koniq_here'
+    run = _cli('--config', 'configs/base.py', '--workdir', str(tmp_path / 'w'),
+               f'--config.data.root={missing}')
+    assert run.returncode != 0
+    message = run.stderr
+    assert str(missing) in message
+    assert 'koniq10k_distributions_sets.csv' in message and 'database.mmsp-kn.de' in message
+    assert 'configs/demo.py' in message and 'without any download' in message
+    assert 'Traceback' not in message
+
+
+def test_unknown_config_override_is_an_error(tmp_path):
+    run = _cli('--config', 'configs/base.py', '--workdir', str(tmp_path),
+               '--config.train.learning_rate=1e-3')
+    assert run.returncode != 0 and 'learning_rate' in run.stderr
+
+
+def test_checkpoints_keep_the_latest_and_the_marked_best(tmp_path):
+    from smartiqa_jax.train_checkpoint import TrainCheckpoints
+    checkpoints = TrainCheckpoints(str(tmp_path), keep=1, num_data_iterators=0)
+    for step in range(1, 6):
+        checkpoints.save(step, params={'w': np.full(3, float(step))},
+                         train_state={'step': np.int32(step)}, data_iterators=[],
+                         progress={'step': step}, config={}, model_config={})
+        checkpoints.wait()
+        if step == 2:
+            checkpoints.mark_best(step)
+    assert list(checkpoints.all_steps()) == [2, 5]
+    assert open(tmp_path / 'checkpoints' / 'best_step').read().strip() == '2'
+    restored = checkpoints.restore_params(2, {'w': np.zeros(3)})
+    np.testing.assert_array_equal(restored['w'], [2.0, 2.0, 2.0])
+    checkpoints.close()

@@ -1,0 +1,139 @@
+"""The trainer gives the same model on 1 or 4 devices, on 1 or 2 processes, and
+after a SIGKILL and restart.
+
+Each run is the real command line (`python -m smartiqa_jax.train`) in a
+subprocess: XLA's device count and jax.distributed must be set before JAX
+starts. The runs share a persistent compilation cache, so programs with the
+same shapes compile once.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+    env['JAX_PLATFORMS'] = 'cpu'
+    env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+    return env
+
+
+def _command(workdir, demo_root, *extra) -> list:
+    return [sys.executable, '-m', 'smartiqa_jax.train', '--config', 'configs/smoke.py',
+            '--workdir', str(workdir), f'--config.data.root={demo_root}', *extra]
+
+
+def _train(workdir, demo_root, *extra, devices=1):
+    run = subprocess.run(_command(workdir, demo_root, *extra), cwd=REPO, env=_env(devices),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return run
+
+
+def _final_params(workdir) -> dict:
+    """Parameters of the last checkpoint, flattened to {'a/b/c': array}."""
+    root = os.path.join(workdir, 'checkpoints')
+    step = max(int(d) for d in os.listdir(root) if d.isdigit())
+    path = os.path.join(root, str(step), 'params')
+    checkpointer = ocp.StandardCheckpointer()
+    # Restore onto this process's one device whatever mesh the run used.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    tree = checkpointer.restore(path, target)
+    flat = {}
+
+    def walk(prefix, node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f'{prefix}/{k}', v)
+        else:
+            flat[prefix] = np.asarray(node)
+    walk('', tree)
+    return step, flat
+
+
+def _assert_same_params(a, b, atol):
+    step_a, params_a = _final_params(a)
+    step_b, params_b = _final_params(b)
+    assert step_a == step_b
+    assert params_a.keys() == params_b.keys()
+    worst = max(float(np.max(np.abs(params_a[k] - params_b[k]))) for k in params_a)
+    assert worst <= atol, f'largest parameter difference {worst}'
+
+
+@pytest.fixture(scope='module')
+def demo_root(tmp_path_factory):
+    from smartiqa_jax.data.demo import ensure_demo_dataset
+    root = tmp_path_factory.mktemp('demo')
+    ensure_demo_dataset(str(root))
+    return str(root)
+
+
+def test_one_and_four_devices_train_the_same_parameters(tmp_path, demo_root):
+    _train(tmp_path / 'one', demo_root, devices=1)
+    _train(tmp_path / 'four', demo_root, devices=4)
+    _assert_same_params(tmp_path / 'one', tmp_path / 'four', atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_like_one_reading_two_shards(tmp_path, demo_root):
+    port = _free_port()
+    workdir = tmp_path / 'two'
+    procs = [
+        subprocess.Popen(
+            _command(workdir, demo_root, f'--coordinator_address=localhost:{port}',
+                     '--num_processes=2', f'--process_id={i}'),
+            cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-5000:]
+    _train(tmp_path / 'one', demo_root, '--config.data.shard_count=2', devices=1)
+    _assert_same_params(tmp_path / 'one', workdir, atol=1e-5)
+
+
+def _committed_steps(workdir) -> list:
+    root = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(root):
+        return []
+    # Orbax renames a finished checkpoint's temporary folder to the bare step number.
+    return [d for d in os.listdir(root) if d.isdigit()]
+
+
+def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tmp_path, demo_root):
+    _train(tmp_path / 'whole', demo_root)
+    workdir = tmp_path / 'killed'
+    proc = subprocess.Popen(_command(workdir, demo_root), cwd=REPO, env=_env(1),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not _committed_steps(workdir) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, 'the run ended before it could be killed'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = _committed_steps(workdir)
+    run = _train(workdir, demo_root)
+    assert 'Resumed from step' in run.stdout, (steps, run.stdout)
+    _assert_same_params(tmp_path / 'whole', workdir, atol=0.0)
+    histories = [json.load(open(os.path.join(w, 'summary.json')))['history']
+                 for w in (tmp_path / 'whole', workdir)]
+    assert histories[0] == histories[1]       # per-epoch losses and validation metrics
