@@ -2,6 +2,7 @@
 
   python scripts/benchmark.py                       # tiny and base, batch 8 and 32, fp32
   python scripts/benchmark.py --variants tiny --batches 8 --dtype bfloat16
+  python scripts/benchmark.py --train --variants tiny --batches 8    # the training step
 
 Prints one row per (variant, batch): images/s for JAX and PyTorch, their ratio, the
 model's FLOPs per image (XLA cost analysis) and the share of the machine's matmul peak
@@ -98,14 +99,90 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
     return rows
 
 
+def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
+                     torch_too: bool, min_seconds: float) -> list[dict]:
+    """Training images/s: the trainer's jitted step (forward, backward, clipping, AdamW in
+    two groups; state donated) against the same recipe in PyTorch (L1 loss, SPEC 2)."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import base
+
+    from smartiqa_jax import losses, optim, sharding, train_state
+    config = base.get_config()
+    mesh = sharding.make_mesh()
+    model_config = ModelConfig(variant, fusion, dtype=dtype)
+    train_graphdef, _, params = train_state.init_params(
+        lambda: SmartIQA(model_config, rngs=nnx.Rngs(0)), mesh)
+    tx = optim.make_optimizer(config.optim, optim.make_schedules(
+        config.optim, steps_per_epoch=100, num_epochs=config.train.num_epochs))
+    state = sharding.replicate(train_state.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(0)), mesh)
+    step = train_state.make_train_step(train_graphdef, tx, losses.get_loss('l1'), mesh,
+                                       jax.tree.map(lambda x: x.sharding, state))
+    torch_step = None
+    if torch_too:
+        import torch
+
+        from smartiqa_jax import weights
+        from smartiqa_jax.torch_reference import SmartIQATorch
+        reference = SmartIQATorch(variant, fusion).train()
+        reference.load_state_dict({k: torch.from_numpy(v) for k, v in weights.export_state_dict(
+            nnx.merge(train_graphdef, jax.device_get(params))).items()})
+        groups = {'backbone': [], 'head': []}
+        for name, p in reference.named_parameters():
+            groups['backbone' if name.startswith('swin.backbone.') else 'head'].append(p)
+        opt = torch.optim.AdamW([{'params': groups[g], 'lr': config.optim[g].lr,
+                                  'weight_decay': config.optim[g].weight_decay} for g in groups])
+
+        def step_torch(x, y):
+            opt.zero_grad(set_to_none=True)
+            loss = (reference(x)['score'] - y).abs().mean()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(reference.parameters(), config.optim.grad_clip_norm)
+            opt.step()
+        torch_step = step_torch
+
+    rows = []
+    for batch in batches:
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((batch, 224, 224, 3)).astype(np.float32)
+        scores = rng.uniform(0, 100, batch).astype(np.float32)
+        data = jax.device_put({'image': images, 'score': scores}, sharding.batch_sharding(mesh))
+        holder = {'state': state}
+
+        def run():
+            holder['state'], metrics = step(holder['state'], data)
+            metrics['loss'].block_until_ready()
+
+        run()
+        seconds = timed(run, min_seconds=min_seconds)
+        state = holder['state']
+        row = dict(variant=variant, fusion=fusion, dtype=dtype, batch=batch, micro_batch=None,
+                   mode='train', jax_images_per_s=batch / seconds)
+        if torch_step is not None:
+            import torch
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+            y = torch.from_numpy(scores)
+            torch_step(x, y)
+            row['torch_images_per_s'] = batch / timed(lambda: torch_step(x, y),
+                                                      min_seconds=min_seconds)
+            row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    return rows
+
+
 def _format_row(row: dict) -> str:
-    text = (f"{row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} batch {row['batch']:>3} "
+    text = (f"{row.get('mode', 'infer'):>5} {row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} "
+            f"batch {row['batch']:>3} "
             f"(micro-batch {row['micro_batch'] or '-'}): "
             f"JAX {row['jax_images_per_s']:7.2f} img/s")
     if 'torch_images_per_s' in row:
         text += f", PyTorch {row['torch_images_per_s']:7.2f} img/s, ratio {row['jax_over_torch']:.2f}x"
-    text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
-             f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")
+    if 'gflops_per_image' in row:
+        text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
+                 f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")
     return text
 
 
@@ -119,6 +196,8 @@ def main():
     parser.add_argument('--micro-batch', type=int, default=0,
                         help='JAX: run the high-resolution stages this many images at a time '
                              '(0: off); see SwinTransformer.__call__')
+    parser.add_argument('--train', action='store_true',
+                        help='time the training step (AdamW, L1) instead of inference')
     parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
     parser.add_argument('--min-seconds', type=float, default=5.0, help='timing window per case')
     parser.add_argument('--json', help='also write the rows to this JSON file')
@@ -131,6 +210,10 @@ def main():
           f'jax {jax.__version__}; matmul peak {peak / 1e9:.0f} GFLOP/s ({args.dtype})', flush=True)
     rows = []
     for variant in args.variants:
+        if args.train:
+            rows += bench_train_step(variant, args.batches, args.fusion, args.dtype,
+                                     not args.no_torch, args.min_seconds)
+            continue
         rows += bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
                               args.min_seconds, peak, args.micro_batch or None)
     if args.json:
