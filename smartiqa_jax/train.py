@@ -436,7 +436,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         disable=not is_main or not config.train.progress_bar, leave=False)
         while True:
             batch = sharding.shard_batch(feed.next(), mesh)
-            state, metrics = train_step(state, batch)
+            # The step's inputs are already on device: any implicit host<->device copy
+            # inside it would be a per-step cost, so make it an error.
+            with jax.transfer_guard('disallow'):
+                state, metrics = train_step(state, batch)
             step += 1
             window_metrics.append(metrics)
             bar.update(1)
