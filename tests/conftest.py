@@ -25,3 +25,12 @@ def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp('ckpt') / 'nano'
     checkpoint.save_model(path, SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0)))
     return str(path)
+
+
+@pytest.fixture(scope='session')
+def demo_root(tmp_path_factory):
+    """The demo dataset (CSV + folder), generated once per test process; its root."""
+    from smartiqa_jax.data.demo import ensure_demo_dataset
+    root = tmp_path_factory.mktemp('demo')
+    ensure_demo_dataset(str(root))
+    return str(root)

@@ -18,14 +18,6 @@ from smartiqa_jax import losses, optim, sharding, train, train_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    from smartiqa_jax.data.demo import ensure_demo_dataset
-    root = tmp_path_factory.mktemp('demo')
-    ensure_demo_dataset(str(root))
-    return str(root)
-
-
 def test_tiny_config_runs_the_trainer_end_to_end(tmp_path, demo_root):
     config = smoke.get_config()
     config.data.root = demo_root

@@ -18,7 +18,6 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,14 +72,6 @@ def _assert_same_params(a, b, atol):
     assert params_a.keys() == params_b.keys()
     worst = max(float(np.max(np.abs(params_a[k] - params_b[k]))) for k in params_a)
     assert worst <= atol, f'largest parameter difference {worst}'
-
-
-@pytest.fixture(scope='module')
-def demo_root(tmp_path_factory):
-    from smartiqa_jax.data.demo import ensure_demo_dataset
-    root = tmp_path_factory.mktemp('demo')
-    ensure_demo_dataset(str(root))
-    return str(root)
 
 
 def test_one_and_four_devices_train_the_same_parameters(tmp_path, demo_root):

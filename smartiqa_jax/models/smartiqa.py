@@ -9,7 +9,7 @@ generated parameters.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,6 @@ from smartiqa_jax.models import initializers as init
 from smartiqa_jax.models import swin
 from smartiqa_jax.models.variants import get_variant
 
-Fusion = Literal['attention', 'multiscale', 'backbone']
 FUSIONS: tuple[str, ...] = ('attention', 'multiscale', 'backbone')
 
 # Widths of the released model (HyperIQA's target network sizes).

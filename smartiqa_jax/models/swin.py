@@ -155,7 +155,6 @@ class SwinBlock(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, resolution: int, shift: int, drop_path: float,
                  *, rngs: nnx.Rngs, dtype=None):
-        self.resolution = resolution
         # A stage no larger than a window attends globally and never shifts (timm does the same).
         self.shift = 0 if resolution <= WINDOW else shift
         self.norm1 = layer_norm(dim, rngs=rngs)
