@@ -3,11 +3,18 @@
   python scripts/benchmark.py                       # tiny and base, batch 8 and 32, fp32
   python scripts/benchmark.py --variants tiny --batches 8 --dtype bfloat16
   python scripts/benchmark.py --train --variants tiny --batches 8    # the training step
+  python scripts/benchmark.py --train --variants base --batches 32 64 128 --dtype bfloat16  # GPU
 
 Prints one row per (variant, batch): images/s for JAX and PyTorch, their ratio, the
 model's FLOPs per image (XLA cost analysis) and the share of the machine's matmul peak
-(a jitted 2048^3 fp32 matmul) that the JAX model reaches. Same machine, same weights,
-same inputs. Results go to stdout and, with --json, to a file.
+(a jitted 2048^3 matmul on a CPU, 8192^3 on a GPU, in the benchmark's dtype) that the
+JAX model reaches; on a GPU also the MFU against the card's datasheet dense peak. Same
+machine, same weights, same inputs. Results go to stdout and, with --json, to a file
+that is rewritten after every row (a run cut short keeps what it measured).
+
+PyTorch runs on the GPU when JAX does. bfloat16 means mixed precision on both sides:
+fp32 parameters, bf16 matmuls (JAX: the model's compute dtype; PyTorch: autocast). On
+a GPU in fp32, both use TF32 matmuls (JAX's default precision; torch is told to).
 """
 
 from __future__ import annotations
@@ -24,6 +31,71 @@ import numpy as np
 from flax import nnx
 
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+
+
+# Datasheet dense (no sparsity) bf16 peaks, FLOP/s, by jax device_kind prefix.
+DATASHEET_BF16_PEAK = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12}
+
+
+def datasheet_peak(device) -> float | None:
+    for prefix, peak in DATASHEET_BF16_PEAK.items():
+        if device.device_kind.startswith(prefix):
+            return peak
+    return None
+
+
+def program_flops(lowered) -> float:
+    """FLOPs of a lowered program by XLA's HLO cost analysis, before the backend rewrites
+    matmuls into library calls (a compiled GPU program's analysis leaves cuBLAS out)."""
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get('flops', 0.0))
+
+
+def utilisation(flops: float, batch: int, seconds: float, peak: float) -> dict:
+    """FLOPs per image and their rate against the measured (and datasheet) peak; nothing
+    where XLA gave no count (jax 0.11 on a GPU gave none for the train step)."""
+    if not flops:
+        return {}
+    row = dict(gflops_per_image=flops / batch / 1e9, jax_share_of_matmul_peak=flops / seconds / peak)
+    if datasheet_peak(jax.devices()[0]):
+        row['jax_mfu'] = flops / seconds / datasheet_peak(jax.devices()[0])
+    return row
+
+
+class Torch:
+    """The PyTorch side: device (cuda when JAX runs on a GPU), precision and synchronisation."""
+
+    def __init__(self, dtype: str):
+        import torch
+        self.torch = torch
+        self.device = torch.device('cuda' if jax.devices()[0].platform == 'gpu' else 'cpu')
+        self.bf16 = dtype == 'bfloat16'
+        if self.device.type == 'cuda':
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+
+    def autocast(self):
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16)
+
+    def sync(self):
+        if self.device.type == 'cuda':
+            self.torch.cuda.synchronize()
+
+    def tensor(self, array: np.ndarray, nchw: bool = False):
+        t = self.torch.from_numpy(np.ascontiguousarray(array))
+        if nchw:
+            t = t.permute(0, 3, 1, 2).contiguous()
+        return t.to(self.device)
+
+    def reference(self, variant: str, fusion: str, model: nnx.Module):
+        from smartiqa_jax import weights
+        from smartiqa_jax.torch_reference import SmartIQATorch
+        reference = SmartIQATorch(variant, fusion)
+        reference.load_state_dict({k: self.torch.from_numpy(v)
+                                   for k, v in weights.export_state_dict(model).items()})
+        return reference.to(self.device)
 
 
 def timed(fn, *, min_seconds: float, min_runs: int = 3) -> float:
@@ -56,51 +128,42 @@ def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None):
     return model, state, forward
 
 
-def model_flops(variant: str, fusion: str, dtype: str, state, x) -> float:
-    """XLA's FLOP count of the plain forward (a lax.map body would be counted only once)."""
-    _, _, plain = jax_forward(variant, fusion, dtype, None)
-    cost = plain.lower(state, x).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get('flops', 0.0))
-
-
 def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, torch_too: bool,
-                  min_seconds: float, peak: float, micro_batch: int | None) -> list[dict]:
+                  min_seconds: float, peak: float, micro_batch: int | None, report) -> None:
     model, state, forward = jax_forward(variant, fusion, dtype, micro_batch)
-    reference = None
+    plain = jax_forward(variant, fusion, dtype, None)[2] if micro_batch else forward
+    side = reference = None
     if torch_too:
-        import torch
-
-        from smartiqa_jax import weights
-        from smartiqa_jax.torch_reference import SmartIQATorch
-        reference = SmartIQATorch(variant, fusion).eval()
-        reference.load_state_dict({k: torch.from_numpy(v)
-                                   for k, v in weights.export_state_dict(model).items()})
-    rows = []
+        side = Torch(dtype)
+        reference = side.reference(variant, fusion, model).eval()
     for batch in batches:
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, 224, 224, 3)), jnp.float32)
-        compiled = forward.lower(state, x).compile()
-        flops = model_flops(variant, fusion, dtype, state, x) / batch
+        images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
+        x = jnp.asarray(images)
+        lowered = forward.lower(state, x)
+        compiled = lowered.compile()
+        # XLA's FLOP count of the plain forward (a lax.map body would be counted only once).
+        flops = program_flops(lowered if plain is forward else plain.lower(state, x))
         compiled(state, x).block_until_ready()
         seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
-        row = dict(variant=variant, fusion=fusion, dtype=dtype, batch=batch, micro_batch=micro_batch,
-                   jax_images_per_s=batch / seconds, gflops_per_image=flops / 1e9,
-                   jax_share_of_matmul_peak=flops * batch / seconds / peak)
+        row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
+                   micro_batch=micro_batch, jax_images_per_s=batch / seconds,
+                   **utilisation(flops, batch, seconds, peak))
         if reference is not None:
-            import torch
-            xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
-            with torch.inference_mode():
-                reference(xt)
-                t = timed(lambda: reference(xt), min_seconds=min_seconds)
-            row['torch_images_per_s'] = batch / t
+            xt = side.tensor(images, nchw=True)
+
+            def run_torch():
+                with side.torch.inference_mode(), side.autocast():
+                    reference(xt)
+                side.sync()
+
+            run_torch()
+            row['torch_images_per_s'] = batch / timed(run_torch, min_seconds=min_seconds)
             row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
-        rows.append(row)
-        print(_format_row(row), flush=True)
-    return rows
+        report(row)
 
 
 def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
-                     torch_too: bool, min_seconds: float) -> list[dict]:
+                     torch_too: bool, min_seconds: float, peak: float, report) -> None:
     """Training images/s: the trainer's jitted step (forward, backward, clipping, AdamW in
     two groups; state donated) against the same recipe in PyTorch (L1 loss, SPEC 2)."""
     import sys
@@ -122,13 +185,10 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
                                        jax.tree.map(lambda x: x.sharding, state))
     torch_step = None
     if torch_too:
-        import torch
-
-        from smartiqa_jax import weights
-        from smartiqa_jax.torch_reference import SmartIQATorch
-        reference = SmartIQATorch(variant, fusion).train()
-        reference.load_state_dict({k: torch.from_numpy(v) for k, v in weights.export_state_dict(
-            nnx.merge(train_graphdef, jax.device_get(params))).items()})
+        side = Torch(dtype)
+        torch = side.torch
+        reference = side.reference(variant, fusion,
+                                   nnx.merge(train_graphdef, jax.device_get(params))).train()
         groups = {'backbone': [], 'head': []}
         for name, p in reference.named_parameters():
             groups['backbone' if name.startswith('swin.backbone.') else 'head'].append(p)
@@ -137,40 +197,45 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
 
         def step_torch(x, y):
             opt.zero_grad(set_to_none=True)
-            loss = (reference(x)['score'] - y).abs().mean()
+            with side.autocast():
+                loss = (reference(x)['score'].float() - y).abs().mean()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(reference.parameters(), config.optim.grad_clip_norm)
             opt.step()
+            side.sync()
         torch_step = step_torch
 
-    rows = []
     for batch in batches:
         rng = np.random.default_rng(0)
         images = rng.standard_normal((batch, 224, 224, 3)).astype(np.float32)
         scores = rng.uniform(0, 100, batch).astype(np.float32)
         data = jax.device_put({'image': images, 'score': scores}, sharding.batch_sharding(mesh))
+        # Forward, backward and AdamW as XLA counts them (the step's whole program).
+        lowered = step.lower(state, data)
+        flops = program_flops(lowered)
+        t = time.perf_counter()
+        compiled = lowered.compile()
+        print(f'  compiled the train step for batch {batch} in {time.perf_counter() - t:.0f} s',
+              flush=True)
         holder = {'state': state}
 
         def run():
-            holder['state'], metrics = step(holder['state'], data)
+            holder['state'], metrics = compiled(holder['state'], data)
             metrics['loss'].block_until_ready()
 
         run()
         seconds = timed(run, min_seconds=min_seconds)
         state = holder['state']
-        row = dict(variant=variant, fusion=fusion, dtype=dtype, batch=batch, micro_batch=None,
-                   mode='train', jax_images_per_s=batch / seconds)
+        row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
+                   micro_batch=None, jax_images_per_s=batch / seconds,
+                   **utilisation(flops, batch, seconds, peak))
         if torch_step is not None:
-            import torch
-            x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-            y = torch.from_numpy(scores)
+            x, y = side.tensor(images, nchw=True), side.tensor(scores)
             torch_step(x, y)
             row['torch_images_per_s'] = batch / timed(lambda: torch_step(x, y),
                                                       min_seconds=min_seconds)
             row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
-        rows.append(row)
-        print(_format_row(row), flush=True)
-    return rows
+        report(row)
 
 
 def _format_row(row: dict) -> str:
@@ -183,6 +248,8 @@ def _format_row(row: dict) -> str:
     if 'gflops_per_image' in row:
         text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
                  f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")
+    if 'jax_mfu' in row:
+        text += f", MFU {100 * row['jax_mfu']:.0f}% of the datasheet peak"
     return text
 
 
@@ -209,16 +276,23 @@ def main():
     print(f'{device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, {platform.machine()}; '
           f'jax {jax.__version__}; matmul peak {peak / 1e9:.0f} GFLOP/s ({args.dtype})', flush=True)
     rows = []
+
+    def report(row):
+        rows.append(row)
+        print(_format_row(row), flush=True)
+        if args.json:
+            with open(args.json, 'w') as f:
+                json.dump({'device': device.device_kind, 'platform': device.platform,
+                           'jax': jax.__version__, 'matmul_peak_flops': peak,
+                           'dtype': args.dtype, 'rows': rows}, f, indent=1)
+
     for variant in args.variants:
         if args.train:
-            rows += bench_train_step(variant, args.batches, args.fusion, args.dtype,
-                                     not args.no_torch, args.min_seconds)
-            continue
-        rows += bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
-                              args.min_seconds, peak, args.micro_batch or None)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'device': str(device), 'matmul_peak_flops': peak, 'rows': rows}, f, indent=1)
+            bench_train_step(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
+                             args.min_seconds, peak, report)
+        else:
+            bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
+                          args.min_seconds, peak, args.micro_batch or None, report)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU benchmark set of BENCHMARKS.md, in one go (a lent GPU is time-boxed):
+#
+#   bash scripts/benchmark_gpu.sh [OUT_DIR]
+#
+# 1. a quick check that JAX sees the GPU and the model runs (fails fast otherwise);
+# 2. the training step, Swin-Base, bf16, batch 32/64/128: JAX vs PyTorch (autocast), MFU;
+# 3. inference, tiny and base, bf16, batch 32/128; 4. inference, base, fp32 (TF32), batch 32.
+# Each part has its own time limit and writes its JSON as rows come in, so a run cut short
+# keeps what it measured.
+set -u
+mkdir -p "${1:-benchmark_gpu}"
+out=$(cd "${1:-benchmark_gpu}" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# JAX and PyTorch share the card: let each allocate what it needs instead of JAX taking 75%.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 - <<'EOF' || exit 1
+import jax, jax.numpy as jnp, flax, optax, torch, timm
+from flax import nnx
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+print('jax', jax.__version__, jax.devices(), '| flax', flax.__version__, '| optax', optax.__version__,
+      '| torch', torch.__version__, torch.cuda.is_available(), '| timm', timm.__version__)
+assert jax.devices()[0].platform == 'gpu', 'JAX does not see the GPU'
+model = SmartIQA(ModelConfig('nano', dtype='bfloat16'), rngs=nnx.Rngs(0))
+print('nano bf16 forward:', model.predict(jnp.zeros((2, 224, 224, 3)))['score'])
+EOF
+
+bench() {  # seconds, json name, benchmark.py arguments...
+    local limit=$1 name=$2
+    shift 2
+    echo "== benchmark.py $* (limit ${limit}s)"
+    timeout "$limit" python3 scripts/benchmark.py --json "$out/$name.json" "$@" \
+        || echo "== ended with status $? (124: time limit)"
+}
+bench 260 train_bf16 --train --variants base --batches 32 64 128 --dtype bfloat16 --min-seconds 3
+bench 150 infer_bf16 --variants tiny base --batches 32 128 --dtype bfloat16 --min-seconds 2
+bench 80 infer_fp32 --variants base --batches 32 --dtype float32 --min-seconds 2
