@@ -112,7 +112,8 @@ def timed(fn, *, min_seconds: float, min_runs: int = 3) -> float:
 def matmul_peak(n: int = 2048, dtype=jnp.float32, min_seconds: float = 3.0) -> float:
     """FLOP/s of a jitted n^3 matmul: the machine's practical dense-compute ceiling."""
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a: a @ a)
+    # bf16 accumulates into fp32, as the model's matmuls do (XLA:CPU's AMX path needs it).
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     return 2 * n**3 / timed(lambda: f(a).block_until_ready(), min_seconds=min_seconds)
 

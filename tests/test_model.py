@@ -1,6 +1,7 @@
 """Model behaviour that parity tests do not cover: randomness, modes, config, pure functions."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -66,6 +67,26 @@ def test_bfloat16_compute_keeps_fp32_params_and_stays_close(model, crops):
     nnx.update(fast, nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(fast, nnx.Param)))
     np.testing.assert_allclose(fast.predict(crops)['score'], model.predict(crops)['score'], atol=0.05)
+
+
+def test_bfloat16_matmuls_accumulate_and_write_fp32_on_cpu(crops):
+    # XLA:CPU takes its fast (AMX / AVX-512-BF16) path only for bf16 x bf16 -> fp32.
+    assert jax.default_backend() == 'cpu'
+    fast = SmartIQA(ModelConfig('nano', 'attention', dtype='bfloat16'), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(fast)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x)['score'])(state, crops[:1])
+
+    def dots_in(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == 'dot_general':
+                yield eqn
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                yield from dots_in(sub)
+
+    dots = list(dots_in(jaxpr.jaxpr))
+    bf16_dots = [e for e in dots if e.invars[0].aval.dtype == jnp.bfloat16]
+    assert len(bf16_dots) >= 4 * 5          # qkv, q.k, p.v, proj, fc1, fc2 per block
+    assert {e.outvars[0].aval.dtype for e in bf16_dots} == {jnp.dtype(jnp.float32)}
 
 
 def test_analysis_outputs(model, crops):
