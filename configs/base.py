@@ -28,6 +28,17 @@ def get_config() -> ml_collections.ConfigDict:
     # Where scores start: 'model' (the released init) or 'mean_label' (the score
     # bias set to the mean training label; helps training from scratch).
     config.model.score_bias_init = 'model'
+    # How the score layers (w5_fc, b5_fc) are scaled: 'model' (released) or
+    # 'label_std' (initial weights and their rate times the training labels'
+    # std: trains as on z-scored labels, predicts in label units; see
+    # optim.make_optimizer). Helps training from scratch with L1/L2.
+    config.model.score_scale = 'model'
+    # Init of the 1x1 conv stack before the hyper feature: 'model' (released,
+    # PyTorch's default) or 'kaiming' (variance-preserving under ReLU; from scratch).
+    config.model.hyper_conv_init = 'model'
+    # Init of the backbone's Linears when it trains from scratch: 'timm'
+    # (trunc-normal 0.02, as released) or 'fan_in' (std 1/sqrt(fan_in); narrow Swins).
+    config.model.backbone_init = 'timm'
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = 'koniq10k'

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     timm = sub.add_parser('from-timm', help='a timm/Microsoft Swin checkpoint -> a new model checkpoint')
     timm.add_argument('file', help='.safetensors, .pth or .bin Swin weights (e.g. ImageNet-21K)')
-    timm.add_argument('--variant', required=True, choices=[v for v in VARIANTS if v != 'nano'])
+    timm.add_argument('--variant', required=True, choices=[v for v in VARIANTS if v not in ('nano', 'pico')])
     timm.add_argument('--fusion', default='attention', choices=FUSIONS)
     timm.add_argument('--seed', type=int, default=0, help='init seed of the non-backbone layers')
     timm.add_argument('--out', required=True, help='orbax checkpoint directory to write')

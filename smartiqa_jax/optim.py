@@ -13,6 +13,7 @@ split, as torch's `clip_grad_norm_` over all parameters does.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -22,6 +23,10 @@ import ml_collections
 import optax
 
 GROUPS = ('backbone', 'head')
+# The layers that generate the target network's last weights and bias (w5, b5):
+# the score is b5 + w5 . q, so they alone set its scale. `make_optimizer` can
+# give them a group of their own ('score', see there).
+SCORE_LAYERS = ('w5_fc', 'b5_fc')
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -38,22 +43,29 @@ def _path_names(path) -> tuple[str, ...]:
     return tuple(names)
 
 
-def group_of(path_names: tuple[str, ...]) -> str:
-    """'backbone' for parameters under the model's `backbone`, else 'head'."""
+def group_of(path_names: tuple[str, ...], score_group: bool = False) -> str:
+    """'backbone' for parameters under the model's `backbone`, else 'head'.
+
+    With `score_group`, the SCORE_LAYERS are 'score' instead of 'head'.
+    """
+    if score_group and path_names and path_names[0] in SCORE_LAYERS:
+        return 'score'
     return 'backbone' if path_names and path_names[0] == 'backbone' else 'head'
 
 
-def param_labels(params) -> Any:
+def param_labels(params, score_group: bool = False) -> Any:
     """A pytree like `params` with each leaf replaced by its group name.
 
-    Raises if any leaf ends up without a label from GROUPS.
+    Raises if any leaf ends up without a label from GROUPS (+ 'score' with
+    `score_group`).
     """
+    known = GROUPS + ('score',) if score_group else GROUPS
     labels = jax.tree_util.tree_map_with_path(
-        lambda path, _: group_of(_path_names(path)), params)
+        lambda path, _: group_of(_path_names(path), score_group), params)
     unlabelled = [
         '/'.join(_path_names(path))
         for path, label in jax.tree_util.tree_leaves_with_path(labels)
-        if label not in GROUPS
+        if label not in known
     ]
     assert not unlabelled, f'Parameters without an optimiser group: {unlabelled}'
     return labels
@@ -125,22 +137,40 @@ def make_schedules(optim: ml_collections.ConfigDict, *, steps_per_epoch: int,
     }
 
 
-def make_optimizer(optim: ml_collections.ConfigDict,
-                   schedules: Mapping[str, Schedule]) -> optax.GradientTransformation:
+def make_optimizer(optim: ml_collections.ConfigDict, schedules: Mapping[str, Schedule],
+                   *, score_scale: float = 1.0) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW per group with its schedule and decay.
 
     Labels come from `param_labels` at `init` time, so the transformation works
     for any parameter pytree whose top-level keys name the model's modules.
+
+    score_scale: c != 1 puts the SCORE_LAYERS in a third group, 'score', with
+      the head's rate times c and its weight decay divided by c. Together with
+      those layers' initial weights multiplied by c (the trainer's
+      `model.score_scale='label_std'`), that is AdamW on the reparameterisation
+      w = c * theta: what training on labels divided by c would do (Adam's
+      step does not depend on the gradient's scale; only eps and the global
+      norm that clipping sees differ), while the parameters, and so every
+      checkpoint and export, stay in label units. 1: two groups, as released.
     """
+    groups = GROUPS
+    lr = dict(schedules)
+    decay = {group: optim[group].weight_decay for group in GROUPS}
+    if score_scale != 1.0:
+        groups = GROUPS + ('score',)
+        head = schedules['head']
+        lr['score'] = lambda step: score_scale * head(step)
+        decay['score'] = optim.head.weight_decay / score_scale
     per_group = {
         group: optax.adamw(
-            learning_rate=schedules[group],
+            learning_rate=lr[group],
             b1=optim.b1, b2=optim.b2, eps=optim.eps,
-            weight_decay=optim[group].weight_decay)
-        for group in GROUPS
+            weight_decay=decay[group])
+        for group in groups
     }
     parts = []
     if optim.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-    parts.append(optax.partition(per_group, param_labels))
+    parts.append(optax.partition(
+        per_group, functools.partial(param_labels, score_group=score_scale != 1.0)))
     return optax.chain(*parts)

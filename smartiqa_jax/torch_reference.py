@@ -52,6 +52,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # these widths), so that models trained on the demo can be exported and checked too.
     "nano": dict(embed_dim=32, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
                  dropout=0.1, drop_path_rate=0.0),
+    "pico": dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                 dropout=0.1, drop_path_rate=0.0),
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
                  dropout=0.3, drop_path_rate=0.2),
     "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24),
@@ -95,7 +97,7 @@ class _SwinLDA(nn.Module):
         geometry = {k: VARIANTS[variant][k] for k in ("embed_dim", "depths", "num_heads")}
         self.backbone = timm.create_model(
             # timm has no nano; its tiny model with nano's widths is the same Swin class.
-            f"swin_{'tiny' if variant == 'nano' else variant}_patch4_window7_224",
+            f"swin_{'tiny' if variant in ('nano', 'pico') else variant}_patch4_window7_224",
             pretrained=False,
             features_only=True,
             out_indices=(0, 1, 2, 3),

@@ -215,9 +215,27 @@ def model_config_from(config: ml_collections.ConfigDict):
         dtype=config.train.compute_dtype)
 
 
-def _build_params(config, model_config, mesh, *, mean_label: float):
-    """Initial parameters: the model's init, then the config's backbone weights and score bias."""
+def score_scale_of(config, labels: Sequence[float]) -> float:
+    """The factor the score layers are parameterised in (1: as released).
+
+    'label_std': the standard deviation of the training labels, so the run
+    trains as if on z-scored labels (optim.make_optimizer, score_scale).
+    """
+    if config.model.score_scale == 'label_std':
+        return float(np.std(labels)) or 1.0
+    if config.model.score_scale != 'model':
+        raise ValueError(f"config.model.score_scale must be 'model' or 'label_std', "
+                         f"got {config.model.score_scale!r}")
+    return 1.0
+
+
+def _build_params(config, model_config, mesh, *, mean_label: float, score_scale: float = 1.0):
+    """Initial parameters: the model's init, then the config's backbone weights and score head."""
     from smartiqa_jax.models.smartiqa import SmartIQA
+    from smartiqa_jax.optim import SCORE_LAYERS
+    if config.model.backbone_init != 'timm' and config.model.backbone_weights:
+        raise ValueError(f'config.model.backbone_init={config.model.backbone_init!r} is for '
+                         'training from scratch; it would overwrite config.model.backbone_weights')
     train_graphdef, eval_graphdef, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
     changes = {}
@@ -226,6 +244,55 @@ def _build_params(config, model_config, mesh, *, mean_label: float):
         model = nnx.merge(eval_graphdef, jax.device_get(params))
         weights.load_timm_backbone(model, _expand(config.model.backbone_weights))
         changes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if config.model.backbone_init == 'fan_in':
+        # timm's trunc-normal 0.02 suits Swin's widths of 96+ (and ImageNet-long
+        # schedules). In a 16- or 32-wide Swin a 0.02 Linear scales its input by
+        # ~0.1, so every block starts nearly as the identity and nearly linear.
+        # LeCun-normal (std 1/sqrt(fan_in)) makes the blocks nonlinear from the
+        # start. On the demo it makes the training loss fall much faster, but
+        # (9 training photos) validation does not follow, so configs/demo.py
+        # leaves it off; kept for runs with more data.
+        pure = changes or jax.device_get(nnx.to_pure_dict(params))
+
+        def rescale(path, leaf):
+            leaf = np.asarray(leaf)
+            if path[-1].key == 'kernel' and leaf.ndim == 2:
+                return leaf * (leaf.shape[0] ** -0.5 / 0.02)
+            return leaf
+        pure['backbone'] = jax.tree_util.tree_map_with_path(rescale, pure['backbone'])
+        changes = pure
+    elif config.model.backbone_init != 'timm':
+        raise ValueError(f"config.model.backbone_init must be 'timm' or 'fan_in', "
+                         f"got {config.model.backbone_init!r}")
+    if config.model.hyper_conv_init == 'kaiming':
+        # The released 1x1 conv stack before the hyper feature has PyTorch's
+        # default init (uniform, variance 1/(3 fan_in)): with ReLUs each layer
+        # shrinks its input ~2.4x, so from a random backbone the hyper feature
+        # is ~15x smaller than the fused features, and the generated weights
+        # are the generating layers' biases, nearly the same for every image.
+        # Kaiming-uniform (variance 2/fan_in, sqrt(6) times the released
+        # bound) keeps the scale, so the target network depends on the image
+        # from the first step.
+        pure = changes or jax.device_get(nnx.to_pure_dict(params))
+        for layer in pure['hyper_convs'].values():
+            layer['kernel'] = np.asarray(layer['kernel']) * np.sqrt(6.0)
+        changes = pure
+    elif config.model.hyper_conv_init != 'model':
+        raise ValueError(f"config.model.hyper_conv_init must be 'model' or 'kaiming', "
+                         f"got {config.model.hyper_conv_init!r}")
+    if score_scale != 1.0:
+        # The score is b5 + w5 . q with w5 and b5 Linears of the hyper feature.
+        # From a random backbone its spread over images starts far below a
+        # unit (nano: ~0.005), the labels' is ~20 on 0..100: under Adam, whose
+        # steps are ~lr whatever the gradient, those layers need thousands of
+        # steps to grow that far, and until then L1/L2 see a constant
+        # prediction. Scaled by the label std (and their rate by as much:
+        # optim.make_optimizer), they start and move at the labels' scale, as
+        # if the labels were z-scored; the parameters stay in label units.
+        pure = changes or jax.device_get(nnx.to_pure_dict(params))
+        for name in SCORE_LAYERS:
+            pure[name] = {k: np.asarray(v) * score_scale for k, v in pure[name].items()}
+        changes = pure
     if config.model.score_bias_init == 'mean_label':
         # The score is b5 + w5 . q, and b5 is a Linear of the hyper feature: its
         # bias sets where scores start. Starting at the mean label (instead of
@@ -380,12 +447,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     val_set = EvalSet('validation', splits['validation'], config.data, **eval_kwargs)
 
     model_config = model_config_from(config)
-    mean_label = float(np.mean([r.score for r in splits['train']]))
-    train_graphdef, eval_graphdef, params = _build_params(config, model_config, mesh,
-                                                          mean_label=mean_label)
+    train_labels = [r.score for r in splits['train']]
+    mean_label = float(np.mean(train_labels))
+    score_scale = score_scale_of(config, train_labels)
+    train_graphdef, eval_graphdef, params = _build_params(
+        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale)
     schedules = optim.make_schedules(config.optim, steps_per_epoch=steps_per_epoch,
                                      num_epochs=config.train.num_epochs)
-    tx = optim.make_optimizer(config.optim, schedules)
+    tx = optim.make_optimizer(config.optim, schedules, score_scale=score_scale)
     state = train_state.TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32), params=params,
         opt_state=tx.init(params), rng=jax.random.PRNGKey(config.seed))

@@ -60,7 +60,8 @@ def assert_outputs_match(jax_out, torch_out):
 
 
 CASES = [('tiny', f) for f in ('attention', 'multiscale', 'backbone')] + [
-    ('base', f) for f in ('attention', 'multiscale', 'backbone')] + [('nano', 'attention')]
+    ('base', f) for f in ('attention', 'multiscale', 'backbone')] + [
+    ('nano', 'attention'), ('pico', 'attention')]
 
 
 @pytest.mark.parametrize('variant,fusion', CASES)

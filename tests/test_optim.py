@@ -109,3 +109,41 @@ def test_floor_above_the_start_makes_the_rate_rise():
     s = optim.cosine_schedule(base_lr=5e-7, min_lr=1e-6, total_steps=10)
     assert float(s(0)) == pytest.approx(5e-7) and float(s(10)) == pytest.approx(1e-6)
     assert float(s(5)) > float(s(0))
+
+
+def test_score_group_is_adamw_on_score_layers_reparameterised_by_the_scale():
+    # score_scale c on w equals plain AdamW on theta = w / c with loss f(c * theta):
+    # what training on labels divided by c does, while w stays in label units.
+    c = 20.0
+    config = _optim_config(backbone_lr=1e-3, head_lr=1e-2, weight_decay=0.1)
+    schedules = optim.make_schedules(config, steps_per_epoch=10, num_epochs=1)
+    scaled = optim.make_optimizer(config, schedules, score_scale=c)
+    plain = optim.make_optimizer(config, schedules)
+    target = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), _params())
+
+    def loss(p):
+        return sum(jnp.sum(jnp.cos(a) * (a - t) ** 2)
+                   for a, t in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
+
+    def to_theta(p, factor):
+        return {**p, 'b5_fc': jax.tree.map(lambda x: x * factor, p['b5_fc'])}
+
+    w = to_theta(_params(), c)                     # the score layer starts c times larger
+    theta = _params()
+    w_state, theta_state = scaled.init(w), plain.init(theta)
+    for _ in range(5):
+        updates, w_state = scaled.update(jax.grad(loss)(w), w_state, w)
+        w = jax.tree.map(lambda a, u: a + u, w, updates)
+        grads = jax.grad(lambda t: loss(to_theta(t, c)))(theta)
+        updates, theta_state = plain.update(grads, theta_state, theta)
+        theta = jax.tree.map(lambda a, u: a + u, theta, updates)
+    for got, want in zip(jax.tree.leaves(w), jax.tree.leaves(to_theta(theta, c))):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(w['b5_fc']['bias'], c)  # it did move
+
+
+def test_score_group_labels_only_with_a_scale():
+    labels = optim.param_labels(_params(), score_group=True)
+    assert labels['b5_fc']['bias'] == 'score'
+    assert labels['hyper_convs'][0]['kernel'] == 'head'
+    assert labels['backbone']['layers_0']['kernel'] == 'backbone'

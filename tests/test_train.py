@@ -77,6 +77,63 @@ def test_loss_falls_when_overfitting_one_batch():
     assert min(history[-4:]) < 0.5 * history[0], history
 
 
+def _initial_params(config, **kwargs) -> dict:
+    mesh = sharding.make_mesh()
+    _, _, params = train._build_params(config, train.model_config_from(config), mesh, **kwargs)
+    return jax.device_get(nnx.to_pure_dict(params))
+
+
+def test_from_scratch_init_options_rescale_only_their_layers():
+    config = smoke.get_config()
+    config.model.score_bias_init = 'model'
+    released = _initial_params(config, mean_label=0.0)
+    for name in ('model', 'label_std'):
+        config.model.score_scale = name
+        assert train.score_scale_of(config, [10.0, 30.0]) == (10.0 if name == 'label_std' else 1.0)
+    config.model.hyper_conv_init = 'kaiming'
+    config.model.backbone_init = 'fan_in'
+    changed = _initial_params(config, mean_label=50.0, score_scale=20.0)
+
+    for name in ('w5_fc', 'b5_fc'):                       # z-score units -> label units
+        for k in ('kernel', 'bias'):
+            np.testing.assert_allclose(changed[name][k], 20.0 * released[name][k], rtol=1e-6)
+    for i in range(3):                                    # PyTorch default -> Kaiming-uniform
+        np.testing.assert_allclose(changed['hyper_convs'][i]['kernel'],
+                                   np.sqrt(6.0) * released['hyper_convs'][i]['kernel'], rtol=1e-6)
+    qkv = changed['backbone']['layers'][0]['blocks'][0]['attn']['qkv']['kernel']
+    assert np.std(qkv) == pytest.approx(qkv.shape[0] ** -0.5, rel=0.2)   # was 0.02
+    np.testing.assert_array_equal(changed['backbone']['patch_embed']['proj']['kernel'],
+                                  released['backbone']['patch_embed']['proj']['kernel'])
+    np.testing.assert_array_equal(changed['lda_convs'][0]['kernel'],
+                                  released['lda_convs'][0]['kernel'])
+
+    # The score bias starts at the mean label, after the scaling.
+    config.model.score_bias_init = 'mean_label'
+    again = _initial_params(config, mean_label=50.0, score_scale=20.0)
+    assert float(again['b5_fc']['bias'][0]) == 50.0
+
+
+def test_from_scratch_init_options_reject_unknown_values():
+    for key, value in (('score_scale', 'z'), ('hyper_conv_init', 'he'), ('backbone_init', 'x')):
+        config = smoke.get_config()
+        config.model[key] = value
+        with pytest.raises(ValueError, match=key):
+            train.score_scale_of(config, [1.0, 2.0])
+            _initial_params(config, mean_label=0.0)
+    config = smoke.get_config()
+    config.model.backbone_init = 'fan_in'
+    config.model.backbone_weights = '/some/swin.safetensors'
+    with pytest.raises(ValueError, match='from scratch'):
+        _initial_params(config, mean_label=0.0)
+
+
+def test_released_configs_keep_the_released_init():
+    for module in (base, small, tiny):
+        m = module.get_config().model
+        assert (m.score_bias_init, m.score_scale, m.hyper_conv_init, m.backbone_init) == (
+            'model', 'model', 'model', 'timm')
+
+
 def test_progress_keeps_the_best_epoch_and_stops_after_patience():
     progress = train.Progress()
     srccs = [0.5, 0.7, 0.6, float('nan'), 0.65]
@@ -100,7 +157,8 @@ def test_patience_zero_never_stops():
 
 def test_configs_select_ablations_by_key():
     from smartiqa_jax.models.smartiqa import ModelConfig
-    for module, variant in ((base, 'base'), (small, 'small'), (tiny, 'tiny'), (demo, 'nano')):
+    for module, variant in ((base, 'base'), (small, 'small'), (tiny, 'tiny'), (demo, 'pico'),
+                            (smoke, 'nano')):
         config = module.get_config()
         assert train.model_config_from(config).variant == variant
     config = base.get_config()
