@@ -314,14 +314,25 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
 
 
 class MetricLog:
-    """Metrics as JSON lines and TensorBoard scalars; only process 0 writes."""
+    """Metrics as JSON lines and TensorBoard scalars; only process 0 writes.
 
-    def __init__(self, workdir: str):
+    resume_step: the step the run starts from (0: a fresh start). What an
+    earlier attempt logged after it (work lost with the process, to be redone)
+    and its test results (repeated at the end) are dropped, so every step is
+    logged once.
+    """
+
+    def __init__(self, workdir: str, resume_step: int | None = None):
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
-            self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-            self.tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+            path = os.path.join(workdir, 'metrics.jsonl')
+            if resume_step is not None and os.path.exists(path):
+                _truncate_metrics(path, resume_step)
+            self.jsonl = open(path, 'a')
+            self.tensorboard = SummaryWriter(
+                os.path.join(workdir, 'tensorboard'),
+                purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         if not self.active:
@@ -338,6 +349,27 @@ class MetricLog:
         if self.active:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _truncate_metrics(path: str, resume_step: int) -> None:
+    """Rewrites metrics.jsonl keeping the records up to `resume_step`, tests excepted.
+
+    A line torn by a kill (not valid JSON) is dropped too. Written to a
+    temporary file and renamed, so an interruption leaves the old file whole.
+    """
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get('step', 0) <= resume_step and not record.get('kind', '').startswith('test/'):
+                kept.append(line if line.endswith('\n') else line + '\n')
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def plot_curves(history: Sequence[dict], path: str) -> None:
@@ -487,7 +519,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'{jax.process_count()} process(es); parameters: backbone {counts["backbone"]:,}, '
         f'head {counts["head"]:,}; loss {config.train.loss}; workdir {workdir}')
 
-    log = MetricLog(workdir)
+    log = MetricLog(workdir, resume_step=step)
     config_json = json.loads(config.to_json())
     started = time.time()
 

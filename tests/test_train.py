@@ -216,3 +216,16 @@ def test_checkpoints_keep_the_latest_and_the_marked_best(tmp_path):
     restored = checkpoints.restore_params(2, {'w': np.zeros(3)})
     np.testing.assert_array_equal(restored['w'], [2.0, 2.0, 2.0])
     checkpoints.close()
+
+
+def test_metric_log_on_resume_keeps_each_step_once(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    records = [{'step': 10, 'kind': 'train'}, {'step': 20, 'kind': 'train'},
+               {'step': 20, 'kind': 'validation'}, {'step': 30, 'kind': 'train'},
+               {'step': 20, 'kind': 'test/test'}]
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records) + '{"step": 40, "ki')  # torn
+    log = train.MetricLog(str(tmp_path), resume_step=20)
+    log.write(30, 'train', {'loss': 1.0})
+    log.close()
+    kept = [(r['step'], r['kind']) for r in map(json.loads, path.read_text().splitlines())]
+    assert kept == [(10, 'train'), (20, 'train'), (20, 'validation'), (30, 'train')]

@@ -128,3 +128,7 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tmp_path, demo_root)
     histories = [json.load(open(os.path.join(w, 'summary.json')))['history']
                  for w in (tmp_path / 'whole', workdir)]
     assert histories[0] == histories[1]       # per-epoch losses and validation metrics
+
+    def logged(w):   # metrics.jsonl: what was lost with the process is logged once, when redone
+        return [(r['step'], r['kind']) for r in map(json.loads, open(os.path.join(w, 'metrics.jsonl')))]
+    assert logged(workdir) == logged(tmp_path / 'whole')
