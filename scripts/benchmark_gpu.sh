@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark set of BENCHMARKS.md, in one go (a lent GPU is time-boxed):
+# The GPU benchmark set of BENCHMARKS.md, in one go (made for a time-boxed GPU session):
 #
 #   bash scripts/benchmark_gpu.sh [OUT_DIR]
 #
