@@ -238,12 +238,18 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
                          'training from scratch; it would overwrite config.model.backbone_weights')
     train_graphdef, eval_graphdef, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
-    changes = {}
+    host = {}   # the parameters as a pure dict on the host, made by the first change
+
+    def editable() -> dict:
+        if not host:
+            host.update(jax.device_get(nnx.to_pure_dict(params)))
+        return host
+
     if config.model.backbone_weights:
         from smartiqa_jax import weights
         model = nnx.merge(eval_graphdef, jax.device_get(params))
         weights.load_timm_backbone(model, _expand(config.model.backbone_weights))
-        changes = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        host.update(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if config.model.backbone_init == 'fan_in':
         # timm's trunc-normal 0.02 suits Swin's widths of 96+ (and ImageNet-long
         # schedules). In a 16- or 32-wide Swin a 0.02 Linear scales its input by
@@ -252,7 +258,7 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         # start. On the demo it makes the training loss fall much faster, but
         # (9 training photos) validation does not follow, so configs/demo.py
         # leaves it off; kept for runs with more data.
-        pure = changes or jax.device_get(nnx.to_pure_dict(params))
+        pure = editable()
 
         def rescale(path, leaf):
             leaf = np.asarray(leaf)
@@ -260,7 +266,6 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
                 return leaf * (leaf.shape[0] ** -0.5 / 0.02)
             return leaf
         pure['backbone'] = jax.tree_util.tree_map_with_path(rescale, pure['backbone'])
-        changes = pure
     elif config.model.backbone_init != 'timm':
         raise ValueError(f"config.model.backbone_init must be 'timm' or 'fan_in', "
                          f"got {config.model.backbone_init!r}")
@@ -273,10 +278,8 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         # Kaiming-uniform (variance 2/fan_in, sqrt(6) times the released
         # bound) keeps the scale, so the target network depends on the image
         # from the first step.
-        pure = changes or jax.device_get(nnx.to_pure_dict(params))
-        for layer in pure['hyper_convs'].values():
+        for layer in editable()['hyper_convs'].values():
             layer['kernel'] = np.asarray(layer['kernel']) * np.sqrt(6.0)
-        changes = pure
     elif config.model.hyper_conv_init != 'model':
         raise ValueError(f"config.model.hyper_conv_init must be 'model' or 'kaiming', "
                          f"got {config.model.hyper_conv_init!r}")
@@ -289,23 +292,21 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         # prediction. Scaled by the label std (and their rate by as much:
         # optim.make_optimizer), they start and move at the labels' scale, as
         # if the labels were z-scored; the parameters stay in label units.
-        pure = changes or jax.device_get(nnx.to_pure_dict(params))
+        pure = editable()
         for name in SCORE_LAYERS:
             pure[name] = {k: np.asarray(v) * score_scale for k, v in pure[name].items()}
-        changes = pure
     if config.model.score_bias_init == 'mean_label':
         # The score is b5 + w5 . q, and b5 is a Linear of the hyper feature: its
         # bias sets where scores start. Starting at the mean label (instead of
         # ~0 on a 0..100 scale) saves a from-scratch run hundreds of steps of
         # only shifting its output, time in which the features do not learn.
-        pure = changes or jax.device_get(nnx.to_pure_dict(params))
-        pure['b5_fc']['bias'] = np.full_like(pure['b5_fc']['bias'], mean_label)
-        changes = pure
+        bias = editable()['b5_fc']['bias']
+        host['b5_fc']['bias'] = np.full_like(bias, mean_label)
     elif config.model.score_bias_init != 'model':
         raise ValueError(f"config.model.score_bias_init must be 'model' or 'mean_label', "
                          f"got {config.model.score_bias_init!r}")
-    if changes:
-        nnx.replace_by_pure_dict(params, jax.device_get(changes))
+    if host:
+        nnx.replace_by_pure_dict(params, host)
         params = sharding.replicate(params, mesh)
     return train_graphdef, eval_graphdef, params
 
