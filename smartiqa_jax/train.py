@@ -117,7 +117,7 @@ class TrainFeed:
 
     def __init__(self, records, data_config: ml_collections.ConfigDict, *,
                  global_batch_size: int, seed: int):
-        from smartiqa_jax.data import make_train_loader
+        from smartiqa_jax.data import as_source, make_decoded_cache, make_train_loader
         processes, index = jax.process_count(), jax.process_index()
         shard_count = data_config.shard_count if data_config.shard_count > 0 else processes
         if shard_count % processes:
@@ -127,14 +127,21 @@ class TrainFeed:
             raise ValueError(f'The batch size {global_batch_size} does not divide into '
                              f'{shard_count} data shards.')
         per_process = shard_count // processes
+        source = as_source(records)
+        # Every shard samples from the whole split (each epoch's shuffle is
+        # global), so each needs every image: one decoded cache per process,
+        # shared by its shards, not one each.
+        cache = (make_decoded_cache(source, resize=_resize(data_config),
+                                    crop_size=data_config.crop_size)
+                 if data_config.cache else False)
         self.loaders = [
             make_train_loader(
-                records, batch_size=global_batch_size // shard_count, seed=seed,
+                source, batch_size=global_batch_size // shard_count, seed=seed,
                 patches_per_image=data_config.patches_per_image,
                 crop_size=data_config.crop_size, resize=_resize(data_config),
                 hflip=data_config.hflip, color_jitter=data_config.color_jitter,
                 worker_count=data_config.num_workers, shard_index=shard,
-                shard_count=shard_count, cache=data_config.cache)
+                shard_count=shard_count, cache=cache)
             for shard in range(index * per_process, (index + 1) * per_process)]
         self.iterators = [iter(loader) for loader in self.loaders]
         self.batches_per_epoch = self.loaders[0].batches_per_epoch
@@ -248,7 +255,10 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
     if config.model.backbone_weights:
         from smartiqa_jax import weights
         model = nnx.merge(eval_graphdef, jax.device_get(params))
-        weights.load_timm_backbone(model, _expand(config.model.backbone_weights))
+        try:
+            weights.load_timm_backbone(model, _expand(config.model.backbone_weights))
+        except weights.WeightsError as e:
+            raise weights.WeightsError(f'config.model.backbone_weights: {e}') from None
         host.update(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     if config.model.backbone_init == 'fan_in':
         # timm's trunc-normal 0.02 suits Swin's widths of 96+ (and ImageNet-long
@@ -470,6 +480,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh()
     sharding.local_batch_size(config.train.batch_size, mesh)      # divisibility check
     sharding.local_batch_size(config.train.eval_batch_size, mesh)
+    # The parameters before the input pipelines: a bad backbone weights file
+    # fails at once, not after the training split has been decoded (data.cache).
+    model_config = model_config_from(config)
+    train_labels = [r.score for r in splits['train']]
+    mean_label = float(np.mean(train_labels))
+    score_scale = score_scale_of(config, train_labels)
+    train_graphdef, eval_graphdef, params = _build_params(
+        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale)
+
     feed = TrainFeed(splits['train'], config.data, global_batch_size=config.train.batch_size,
                      seed=config.seed)
     steps_per_epoch = feed.batches_per_epoch
@@ -479,12 +498,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     eval_kwargs = dict(batch_size=config.train.eval_batch_size, seed=config.seed)
     val_set = EvalSet('validation', splits['validation'], config.data, **eval_kwargs)
 
-    model_config = model_config_from(config)
-    train_labels = [r.score for r in splits['train']]
-    mean_label = float(np.mean(train_labels))
-    score_scale = score_scale_of(config, train_labels)
-    train_graphdef, eval_graphdef, params = _build_params(
-        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale)
     schedules = optim.make_schedules(config.optim, steps_per_epoch=steps_per_epoch,
                                      num_epochs=config.train.num_epochs)
     tx = optim.make_optimizer(config.optim, schedules, score_scale=score_scale)
@@ -652,6 +665,8 @@ def main(argv=None) -> None:
 
     def run(_):
         from absl import logging
+
+        from smartiqa_jax.weights import WeightsError
         f = flags.FLAGS
         # Orbax logs every save at INFO; the run's own lines say what matters.
         logging.set_verbosity(logging.WARNING)
@@ -663,7 +678,7 @@ def main(argv=None) -> None:
         workdir = f.workdir or os.path.join('workdirs', name)
         try:
             train_and_evaluate(config_flag.value, workdir)
-        except DatasetNotFoundError as e:
+        except (DatasetNotFoundError, WeightsError) as e:
             raise SystemExit(str(e)) from None
 
     app.run(run, argv=argv)

@@ -114,6 +114,39 @@ def test_cache_gives_the_same_batches(tmp_path):
     assert os.path.getsize(tmp_path / 'cache' / 'pixels.u8') == 12 * 48 * 40 * 3
 
 
+def test_one_cache_shared_by_the_shards_of_a_process(tmp_path, monkeypatch):
+    """TrainFeed reading two shards decodes the split once, not once per shard."""
+    from configs import smoke
+    from smartiqa_jax import train
+    decodes = collections.Counter()
+    decode = preprocess.decode_image
+
+    def counting_decode(data, name='<bytes>'):
+        decodes[name] += 1
+        return decode(data, name)
+
+    monkeypatch.setattr(preprocess, 'decode_image', counting_decode)
+    recs = records(tmp_path)
+    data = smoke.get_config().data
+    data.resize, data.crop_size, data.patches_per_image = (48, 40), 32, 2
+    data.shard_count, data.cache = 2, True
+    feed = train.TrainFeed(recs, data, global_batch_size=8, seed=0)
+    cached = [feed.next() for _ in range(4)]   # 24 patches / 8: crosses the epoch
+    assert len(feed.iterators) == 2
+    assert sorted(decodes) == sorted(r.name for r in recs)
+    assert set(decodes.values()) == {1}, decodes
+    # The same batches as decoding on the fly.
+    data.cache = False
+    plain = train.TrainFeed(recs, data, global_batch_size=8, seed=0)
+    assert_same_batches(cached, [plain.next() for _ in range(4)])
+    # A cache is only taken by loaders it was made for.
+    shared = pipeline.make_decoded_cache(recs, resize=(48, 40), crop_size=32)
+    with pytest.raises(ValueError, match='resize'):
+        train_loader(recs, resize=(50, 40), cache=shared)
+    with pytest.raises(ValueError, match='12 images'):
+        train_loader(recs[:6], cache=shared)
+
+
 def test_two_workers_are_deterministic_and_cover_the_epoch(tmp_path):
     # With workers each process batches its own share of the records, so the
     # batches differ from worker_count=0, but not from run to run.

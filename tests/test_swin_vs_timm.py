@@ -9,12 +9,21 @@ from flax import nnx
 
 from smartiqa_jax import weights
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from smartiqa_jax.models.variants import get_variant
 
 
 def timm_swin(variant: str, features_only: bool = True, seed: int = 0):
+    """timm's Swin at one of our variants' sizes, random weights (biases and norms too).
+
+    Variants timm has no model for (nano, pico) are timm's Swin class at their widths.
+    """
     torch.manual_seed(seed)
     kwargs = dict(features_only=True, out_indices=(0, 1, 2, 3)) if features_only else {}
-    model = timm.create_model(f'swin_{variant}_patch4_window7_224', pretrained=False, **kwargs)
+    v = get_variant(variant)
+    if v.timm_name is None:
+        kwargs.update(embed_dim=v.embed_dim, depths=v.depths, num_heads=v.num_heads)
+    model = timm.create_model(v.timm_name or 'swin_tiny_patch4_window7_224', pretrained=False,
+                              **kwargs)
     # timm's init leaves biases and LayerNorms at 0/1; randomise them so the test sees them.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -9,7 +9,7 @@
 
 from smartiqa_jax.data.pipeline import (
     DecodedImageCache, Loader, RecordSource, aggregate_crops, as_source,
-    checkpoint_args, image_scores, make_eval_loader, make_train_loader)
+    checkpoint_args, image_scores, make_decoded_cache, make_eval_loader, make_train_loader)
 from smartiqa_jax.data.quality import DataError, DataReport
 from smartiqa_jax.data.readers import (
     READERS, Record, ScoreScale, Splits, read_agiqa3k, read_csv_folder, read_dataset,

@@ -399,22 +399,50 @@ def _per_host_batch(batch_size: Optional[int], global_batch_size: Optional[int],
     return batch_size
 
 
+def _checked_resize(resize: Any, crop_size: int) -> preprocess.ResizeSpec:
+    resize = preprocess.parse_resize(resize)
+    if isinstance(resize, tuple) and min(resize) < crop_size:
+        raise ValueError(f'resize {resize} is smaller than crop_size {crop_size}')
+    return resize
+
+
+def make_decoded_cache(source: Any, *, resize: Any = preprocess.KONIQ_RESIZE,
+                       crop_size: int = 224, directory: Optional[str] = None
+                       ) -> DecodedImageCache:
+    """Every image of `source` decoded and resized once, for several loaders to share.
+
+    Pass the result as `cache` to loaders of the same source with the same
+    `resize` and `crop_size` (e.g. the train loaders of the several shards one
+    process reads): the split is then decoded and stored once, not once per
+    loader. Prints a summary of the images that failed to decode.
+    """
+    source = as_source(source)
+    resize = _checked_resize(resize, crop_size)
+    decoded = DecodedImageCache(source, resize, crop_size, directory=directory)
+    if decoded.report.problems:
+        print(decoded.report.summary(), flush=True)
+    return decoded
+
+
 def _prepare(source: Any, resize: Any, crop_size: int, cache: Any
              ) -> tuple[_PixelReader, np.ndarray, Optional[quality.DataReport]]:
     """Source -> (pixel reader, usable image indices, cache report or None)."""
     source = as_source(source)
-    resize = preprocess.parse_resize(resize)
-    if isinstance(resize, tuple) and min(resize) < crop_size:
-        raise ValueError(f'resize {resize} is smaller than crop_size {crop_size}')
-    decoded = None
-    if cache:
+    resize = _checked_resize(resize, crop_size)
+    if isinstance(cache, DecodedImageCache):
+        built_for = (len(cache), cache.resize, cache.min_side)
+        if built_for != (len(source), resize, crop_size):
+            raise ValueError(f'the given cache holds {built_for[0]} images at resize '
+                             f'{built_for[1]}, min side {built_for[2]}; this loader needs '
+                             f'{len(source)} at resize {resize}, min side {crop_size}')
+        decoded = cache
+    elif cache:
         directory = cache if isinstance(cache, (str, os.PathLike)) else None
-        decoded = DecodedImageCache(source, resize, crop_size, directory=directory)
-        if decoded.report.problems:
-            print(decoded.report.summary(), flush=True)
-        images = decoded.valid_indices
+        decoded = make_decoded_cache(source, resize=resize, crop_size=crop_size,
+                                     directory=directory)
     else:
-        images = np.arange(len(source))
+        decoded = None
+    images = decoded.valid_indices if decoded is not None else np.arange(len(source))
     if len(images) == 0:
         raise quality.DataError('no usable images in the source')
     report = decoded.report if decoded is not None else None
@@ -452,8 +480,9 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
         and jax.process_count(). Shards are disjoint and equal-sized (the
         remainder of the epoch is dropped so all hosts take the same steps).
       cache: False; True to decode + resize every image once into a shared
-        memory-mapped uint8 file in a temp dir; or a directory path for it.
-        Also excludes (with a summary) images that fail to decode.
+        memory-mapped uint8 file in a temp dir; or a directory path for it;
+        or a `make_decoded_cache` result to share with other loaders of the
+        same source. Also excludes (with a summary) images that fail to decode.
       num_epochs: None repeats forever; otherwise stops after that many.
 
     Returns:
@@ -473,7 +502,7 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
     operations = [
         # Only without a cache can an image fail here; dropping it keeps the
         # run alive (the warning names the file).
-        None if cache else _HasPixels(),
+        None if reader.cache is not None else _HasPixels(),
         _TrainAugment(crop_size, hflip, color_jitter),
         grain.Batch(per_host, drop_remainder=True),
     ]
