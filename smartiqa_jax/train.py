@@ -249,7 +249,7 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
 
     def editable() -> dict:
         if not host:
-            host.update(jax.device_get(nnx.to_pure_dict(params)))
+            host.update(jax.device_get(params))
         return host
 
     if config.model.backbone_weights:
@@ -316,8 +316,7 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         raise ValueError(f"config.model.score_bias_init must be 'model' or 'mean_label', "
                          f"got {config.model.score_bias_init!r}")
     if host:
-        nnx.replace_by_pure_dict(params, host)
-        params = sharding.replicate(params, mesh)
+        params = sharding.replicate(host, mesh)
     return train_graphdef, eval_graphdef, params
 
 
@@ -516,7 +515,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = 0
     if checkpoints.latest_step() is not None:
         restored = checkpoints.restore(
-            checkpoints.latest_step(), params=nnx.to_pure_dict(state.params),
+            checkpoints.latest_step(), params=state.params,
             train_state=_train_items(state), data_iterators=feed.iterators)
         state = _with_restored(state, restored)
         progress = Progress.from_json(restored['progress'])
@@ -538,7 +537,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     started = time.time()
 
     def save():
-        checkpoints.save(step, params=nnx.to_pure_dict(state.params),
+        checkpoints.save(step, params=state.params,
                          train_state=_train_items(state), data_iterators=feed.iterators,
                          progress=progress.to_json(), config=config_json,
                          model_config=_json_model_config(model_config))
@@ -599,8 +598,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_seconds = time.time() - started
 
     # Test the best epoch (chosen on validation) on the test split and cross sets.
-    best_params = checkpoints.restore_params(progress.best_step, nnx.to_pure_dict(state.params))
-    nnx.replace_by_pure_dict(state.params, best_params)
+    state = state.replace(params=checkpoints.restore_params(progress.best_step, state.params))
     test_sets = [EvalSet('test', splits['test'], config.data, **eval_kwargs)]
     for name, cross_splits in cross:
         records = [r for split in cross_splits for r in cross_splits[split]]
@@ -632,11 +630,9 @@ def _train_items(state: train_state.TrainState) -> dict:
 
 
 def _with_restored(state: train_state.TrainState, restored: dict) -> train_state.TrainState:
-    params = state.params
-    nnx.replace_by_pure_dict(params, restored['params'])
     items = restored['train_state']
-    return state.replace(step=items['step'], params=params, opt_state=items['opt_state'],
-                         rng=items['rng'])
+    return state.replace(step=items['step'], params=restored['params'],
+                         opt_state=items['opt_state'], rng=items['rng'])
 
 
 def _json_model_config(model_config) -> dict:

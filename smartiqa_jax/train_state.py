@@ -2,8 +2,13 @@
 
 The model is split once into a static graph and its parameters
 (`nnx.split(model, nnx.Param)`); the steps rebuild it with `nnx.merge` inside
-`jit`, so the state that crosses the jit boundary is a plain pytree: the
-parameters, the optax state, the step and the run's base RNG key. Train and
+`jit`, so the state that crosses the jit boundary is a plain pytree of arrays:
+the parameters as a pure nested dict (`nnx.to_pure_dict`), the optax state,
+the step and the run's base RNG key. Pure dicts, not `nnx.State`: every step
+flattens its input state and rebuilds its output in Python, and with
+Swin-Base's ~1100 leaves wrapped in `nnx.Variable`s that took ~16 ms of host
+time a step (12 ms of an 83 ms step on an H200 went by before the GPU
+started), against ~0.5 ms for dicts of arrays. Train and
 eval use two graph definitions (NNX keeps `deterministic` as a static
 attribute), taken from the model after `model.train()` / `model.eval()`.
 """
@@ -24,8 +29,8 @@ from smartiqa_jax import sharding
 class TrainState:
     """Everything the train step reads and writes.
 
-    step: int32 scalar, optimiser steps taken. params: nnx.State of the
-    model's nnx.Param. opt_state: optax state for `params`. rng: uint32 (2,)
+    step: int32 scalar, optimiser steps taken. params: the model's nnx.Param
+    as a pure nested dict of arrays. opt_state: optax state for `params`. rng: uint32 (2,)
     base key; the step's dropout key is `fold_in(rng, step)`, so the random
     stream depends only on the step number and a resumed run draws exactly
     what an uninterrupted one would.
@@ -77,6 +82,9 @@ def make_eval_step(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
 def init_params(build_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh):
     """Builds the model and returns (train_graphdef, eval_graphdef, params).
 
+    params is a pure nested dict of arrays (`nnx.to_pure_dict`); `nnx.merge`
+    with either graph definition takes it as it is.
+
     The initialisers run inside one jit whose outputs are replicated over the
     mesh: one compilation instead of one per parameter, and every process
     computes the same values without any transfer.
@@ -88,7 +96,7 @@ def init_params(build_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh):
     train_graphdef, _ = nnx.split(abstract, nnx.Param)
 
     def create():
-        return nnx.state(build_model(), nnx.Param)
+        return nnx.to_pure_dict(nnx.state(build_model(), nnx.Param))
 
     params = jax.jit(create, out_shardings=sharding.replicated(mesh))()
     return train_graphdef, eval_graphdef, params

@@ -80,7 +80,7 @@ def test_loss_falls_when_overfitting_one_batch():
 def _initial_params(config, **kwargs) -> dict:
     mesh = sharding.make_mesh()
     _, _, params = train._build_params(config, train.model_config_from(config), mesh, **kwargs)
-    return jax.device_get(nnx.to_pure_dict(params))
+    return jax.device_get(params)
 
 
 def test_from_scratch_init_options_rescale_only_their_layers():

@@ -9,7 +9,6 @@ import jax
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 from safetensors.numpy import save_file
 
 from configs import smoke
@@ -68,7 +67,7 @@ def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files,
 
         def first_step_recorded(state, batch):
             if 'params' not in seen:   # explicit copies: allowed under the transfer guard
-                seen['params'] = jax.device_get(nnx.to_pure_dict(state.params))
+                seen['params'] = jax.device_get(state.params)
                 seen['step'] = int(jax.device_get(state.step))
             return step(state, batch)
         return first_step_recorded
@@ -98,9 +97,9 @@ def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files,
                                   file['layers.3.downsample.norm.bias'])
 
     # The head starts as without the file: the model's init and the config's head options.
-    scratch = jax.device_get(nnx.to_pure_dict(build_params(
+    scratch = jax.device_get(build_params(
         _config(demo_root), train.model_config_from(config), sharding.make_mesh(),
-        **seen['build_kwargs'])[2]))
+        **seen['build_kwargs'])[2])
     head = [name for name in start if name != 'backbone']
     assert head and set(head) == {name for name in scratch if name != 'backbone'}
     for name in head:

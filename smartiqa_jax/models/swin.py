@@ -145,8 +145,12 @@ class WindowAttention(nnx.Module):
         compute = self.qkv.dtype or x.dtype
         qkv = self.qkv(x).astype(compute).reshape(b, nw, n, 3, heads, c // heads)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        # q.k is written in what the compute dtype's matmuls write (bf16 on a GPU, as under
+        # PyTorch autocast: half the bytes of the largest tensor here); bias, mask and
+        # softmax are fp32 inside one fusion.
         logits = jnp.einsum('bwnhd,bwmhd->bwhnm', q * self.scale, k,
-                            preferred_element_type=jnp.float32)
+                            preferred_element_type=matmul_output_dtype(compute))
+        logits = logits.astype(jnp.float32)
         index = relative_position_index(WINDOW)
         bias = self.relative_position_bias_table[...][index.reshape(-1)]
         logits = logits + bias.reshape(n, n, heads).transpose(2, 0, 1)
@@ -223,7 +227,12 @@ class PatchEmbed(nnx.Module):
         self.norm = layer_norm(dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(self.proj(x))
+        # Stage 0's residual stream in the dtype the compute-dtype Linears write, as the
+        # later stages' (each starts with PatchMerging's Linear): bf16 on a GPU.
+        x = self.norm(self.proj(x))
+        if self.proj.dtype is not None:
+            x = x.astype(matmul_output_dtype(self.proj.dtype) or self.proj.dtype)
+        return x
 
 
 class SwinStage(nnx.Module):

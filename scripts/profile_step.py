@@ -1,0 +1,182 @@
+"""Where the training step's time goes: a device trace, summed by kernel and by source line.
+
+  python scripts/profile_step.py --variant base --batches 128 --dtype bfloat16 --out prof/
+
+For each batch size: compiles the trainer's step (scripts/benchmark.py's setup: Swin,
+SMART-IQA head, L1, clipping, AdamW), times it, then traces a few steps with
+`jax.profiler` and writes to --out:
+
+  step_b{B}.json       images/s, and the device time summed per kernel, per HLO
+                       instruction and per source line of ours (from the optimised HLO's
+                       metadata), largest first;
+  trace_b{B}.json.gz   the Perfetto trace (open it at ui.perfetto.dev);
+  hlo_b{B}.txt.gz      the optimised HLO, to read what each fusion holds.
+
+On a CPU the trace has no device lanes and the summary is empty; this is for GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (scripts/benchmark.py)
+
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$')
+_FRAME = re.compile(r'op_name="([^"]*)".*?stack_frame_id=(\d+)')
+
+
+def _table(hlo_text: str, section: str) -> dict[int, str]:
+    """One of the HLO text's numbered tables (FileNames, FileLocations, ...): id -> text."""
+    start = hlo_text.find(f'\n{section}\n')
+    if start < 0:
+        return {}
+    rows = {}
+    for line in hlo_text[start + len(section) + 2:].splitlines():
+        if not line.strip():
+            break
+        key, _, value = line.partition(' ')
+        rows[int(key)] = value.strip().strip('"')
+    return rows
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> 'file.py:line function' of the innermost frame of ours, with
+    ' [bwd]' where the op comes from differentiation (a fusion carries its root's metadata)."""
+    files, functions = _table(hlo_text, 'FileNames'), _table(hlo_text, 'FunctionNames')
+    locations = {}
+    for key, text in _table(hlo_text, 'FileLocations').items():
+        fields = dict(re.findall(r'(\w+)=(\d+)', text))
+        locations[key] = (f"{os.path.basename(files.get(int(fields['file_name_id']), '?'))}:"
+                          f"{fields['line']} {functions.get(int(fields['function_name_id']), '?')}")
+    frames = {key: int(dict(re.findall(r'(\w+)=(\d+)', text))['file_location_id'])
+              for key, text in _table(hlo_text, 'StackFrames').items()}
+    sources = {}
+    for line in hlo_text.splitlines():
+        m = _INSTRUCTION.match(line)
+        f = m and _FRAME.search(m.group(2))
+        if f:
+            where = locations.get(frames.get(int(f.group(2)), -1), '?')
+            sources[m.group(1)] = where + (' [bwd]' if 'transpose(' in f.group(1) else '')
+    return sources
+
+
+def device_time(trace: dict, sources: dict[str, str], steps: int) -> dict:
+    """Device time in ms per step, summed by kernel, HLO instruction and source line.
+
+    Kernels are read from the device's stream lanes only: the trace's derived lanes
+    ('XLA Ops', 'XLA Modules') repeat the same time under other names.
+    """
+    events = trace['traceEvents'] if isinstance(trace, dict) else trace
+    device_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
+                   and str(e.get('args', {}).get('name', '')).startswith('/device:')}
+    lanes = {(e['pid'], e.get('tid')): str(e.get('args', {}).get('name', ''))
+             for e in events if e.get('ph') == 'M' and e.get('name') == 'thread_name'
+             and e['pid'] in device_pids}
+    by_lane, by_kernel, by_op, by_line = (collections.Counter() for _ in range(4))
+    for e in events:
+        if e.get('ph') != 'X' or e.get('pid') not in device_pids:
+            continue
+        ms = e.get('dur', 0.0) / 1e3 / steps
+        lane = lanes.get((e['pid'], e.get('tid')), '?')
+        by_lane[lane] += ms
+        if not lane.startswith('Stream'):
+            continue
+        args = e.get('args', {})
+        op = str(args.get('hlo_op', '') or '?')
+        by_kernel[e['name']] += ms
+        by_op[op] += ms
+        by_line[sources.get(op, '?')] += ms
+
+    def top(counter, n=80):
+        return [[k, round(v, 4)] for k, v in counter.most_common(n)]
+
+    return dict(device_ms_per_step=sum(by_kernel.values()), by_lane=top(by_lane),
+                by_source_line=top(by_line), by_hlo_op=top(by_op), by_kernel=top(by_kernel))
+
+
+def profile(step, state, data, batch: int, out: str, steps: int, min_seconds: float,
+            keep_hlo: bool = True):
+    lowered = step.lower(state, data)
+    flops = benchmark.program_flops(lowered)
+    t = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t
+    holder = {'state': state}
+
+    def run():
+        holder['state'], holder['metrics'] = compiled(holder['state'], data)
+
+    def wait():
+        holder['metrics']['loss'].block_until_ready()
+
+    run()
+    wait()
+    seconds = benchmark.timed(run, min_seconds=min_seconds, calls=benchmark.STEPS_IN_FLIGHT,
+                              wait=wait)
+    tmp = tempfile.mkdtemp()
+    jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+    for _ in range(steps):     # back to back, as the trainer runs
+        run()
+    wait()
+    jax.profiler.stop_trace()
+    traces = glob.glob(os.path.join(tmp, '**', 'perfetto_trace.json.gz'), recursive=True)
+    hlo = compiled.as_text()
+    summary = {}
+    if traces:
+        shutil.copy(traces[0], os.path.join(out, f'trace_b{batch}.json.gz'))
+        with gzip.open(traces[0], 'rt') as f:
+            summary = device_time(json.load(f), hlo_sources(hlo), steps)
+    if keep_hlo:
+        with gzip.open(os.path.join(out, f'hlo_b{batch}.txt.gz'), 'wt') as f:
+            f.write(hlo)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dict(batch=batch, compile_s=compile_s, step_ms=seconds * 1e3,
+                images_per_s=batch / seconds, gflops_per_image=flops / batch / 1e9,
+                **summary), holder['state']
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--variant', default='base')
+    parser.add_argument('--fusion', default='attention')
+    parser.add_argument('--batches', nargs='+', type=int, default=[128])
+    parser.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
+    parser.add_argument('--steps', type=int, default=3, help='steps in the trace')
+    parser.add_argument('--min-seconds', type=float, default=3.0)
+    parser.add_argument('--no-hlo', action='store_true', help='do not write the optimised HLO')
+    parser.add_argument('--out', required=True)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    _, mesh, _, _, state, step = benchmark.train_step_setup(args.variant, args.fusion, args.dtype)
+    for batch in args.batches:
+        _, _, data = benchmark.train_batch(batch, mesh)
+        row, state = profile(step, state, data, batch, args.out, args.steps, args.min_seconds,
+                             not args.no_hlo)
+        row.update(variant=args.variant, dtype=args.dtype,
+                   device=jax.devices()[0].device_kind, jax=jax.__version__)
+        with open(os.path.join(args.out, f'step_b{batch}.json'), 'w') as f:
+            json.dump(row, f, indent=1)
+        print(f'{args.variant} {args.dtype} batch {batch}: {row["images_per_s"]:.1f} img/s, '
+              f'step {row["step_ms"]:.1f} ms, device busy {row.get("device_ms_per_step", 0):.1f} ms, '
+              f'compile {row["compile_s"]:.0f} s', flush=True)
+        for line, ms in row.get('by_source_line', [])[:15]:
+            print(f'  {ms:8.2f} ms  {line}')
+
+
+if __name__ == '__main__':
+    main()
