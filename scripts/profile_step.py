@@ -74,6 +74,16 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     return sources
 
 
+def _instruction(kernel: str, hlo_op: str, sources: dict[str, str]) -> str:
+    """The HLO instruction a kernel ran. Inside a CUDA graph the trace's hlo_op names the
+    command buffer, and the kernel is named after its fusion ('loop_add_fusion_13' for
+    %loop_add_fusion.13); library calls (cuBLAS) keep their own names."""
+    for name in (hlo_op, kernel, re.sub(r'_(\d+)$', r'.\1', kernel)):
+        if name in sources:
+            return name
+    return hlo_op or kernel
+
+
 def device_time(trace: dict, sources: dict[str, str], steps: int) -> dict:
     """Device time in ms per step, summed by kernel, HLO instruction and source line.
 
@@ -95,8 +105,7 @@ def device_time(trace: dict, sources: dict[str, str], steps: int) -> dict:
         by_lane[lane] += ms
         if not lane.startswith('Stream'):
             continue
-        args = e.get('args', {})
-        op = str(args.get('hlo_op', '') or '?')
+        op = _instruction(e['name'], str(e.get('args', {}).get('hlo_op', '')), sources)
         by_kernel[e['name']] += ms
         by_op[op] += ms
         by_line[sources.get(op, '?')] += ms

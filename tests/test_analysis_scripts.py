@@ -7,7 +7,10 @@ import csv
 import importlib.util
 import json
 import os
+import re
 
+import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 from PIL import Image
@@ -106,3 +109,41 @@ def test_cli_dispatches_and_reports_unknown_commands(capsys, monkeypatch):
     assert seen == {'predict': ['--checkpoint', 'c', 'x.jpg'], 'evaluate': ['--datasets', 'koniq']}
     assert cli.main(['convert', '--help']) == 0  # argparse's sys.exit becomes a status
     assert cli.main(['convert', 'to-pytorch']) == 2
+
+
+def _scaled_tanh(x):
+    return jnp.tanh(x * 3.0)
+
+
+def test_profile_summary_puts_device_time_on_our_source_lines():
+    """scripts/profile_step.py: kernels of a device trace -> HLO instructions -> lines of ours."""
+    profile = _script('profile_step')
+    x = jnp.ones((8, 8))
+    hlo = jax.jit(jax.grad(lambda x: _scaled_tanh(x).sum())).lower(x).compile().as_text()
+    hlo += jax.jit(_scaled_tanh).lower(x).compile().as_text()
+    sources = profile.hlo_sources(hlo)
+    line = _scaled_tanh.__code__.co_firstlineno + 1
+    where = f'test_analysis_scripts.py:{line} _scaled_tanh'
+    forward = [op for op, s in sources.items() if s == where]
+    backward = [op for op, s in sources.items() if s == where + ' [bwd]']
+    assert forward and backward, sorted(set(sources.values()))
+
+    op = forward[0]
+    kernel = re.sub(r'\.(\d+)$', r'_\1', op)          # how a CUDA graph's kernel is named
+    meta = [{'ph': 'M', 'pid': 1, 'name': 'process_name', 'args': {'name': '/device:GPU:0'}},
+            {'ph': 'M', 'pid': 9, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+            {'ph': 'M', 'pid': 1, 'tid': 5, 'name': 'thread_name', 'args': {'name': 'Stream #5'}},
+            {'ph': 'M', 'pid': 1, 'tid': 6, 'name': 'thread_name', 'args': {'name': 'XLA Ops'}}]
+    events = [
+        {'ph': 'X', 'pid': 1, 'tid': 5, 'ts': 0, 'dur': 3000, 'name': kernel,
+         'args': {'hlo_op': 'command_buffer_7'}},
+        {'ph': 'X', 'pid': 1, 'tid': 5, 'ts': 4000, 'dur': 1000, 'name': 'nvjet_gemm',
+         'args': {'hlo_op': 'custom-call.1'}},
+        {'ph': 'X', 'pid': 1, 'tid': 6, 'ts': 0, 'dur': 4000, 'name': op},   # derived lane
+        {'ph': 'X', 'pid': 9, 'tid': 1, 'ts': 0, 'dur': 9000, 'name': 'python'},
+    ]
+    summary = profile.device_time({'traceEvents': meta + events}, sources, steps=2)
+    assert summary['device_ms_per_step'] == pytest.approx(2.0)
+    assert summary['by_source_line'] == [[where, 1.5], ['?', 0.5]]
+    assert summary['by_hlo_op'] == [[op, 1.5], ['custom-call.1', 0.5]]
+    assert dict(summary['by_lane']) == {'Stream #5': 2.0, 'XLA Ops': 2.0}
