@@ -12,7 +12,9 @@ SMART-IQA head, L1, clipping, AdamW), times it, then traces a few steps with
   trace_b{B}.json.gz   the Perfetto trace (open it at ui.perfetto.dev);
   hlo_b{B}.txt.gz      the optimised HLO, to read what each fusion holds.
 
-On a CPU the trace has no device lanes and the summary is empty; this is for GPUs.
+On a CPU the same summary is made from XLA's worker threads, in thread-ms per step
+(with several threads this can exceed the step's wall time, or fall short of it when
+threads wait).
 """
 
 from __future__ import annotations
@@ -87,25 +89,32 @@ def _instruction(kernel: str, hlo_op: str, sources: dict[str, str]) -> str:
 def device_time(trace: dict, sources: dict[str, str], steps: int) -> dict:
     """Device time in ms per step, summed by kernel, HLO instruction and source line.
 
-    Kernels are read from the device's stream lanes only: the trace's derived lanes
-    ('XLA Ops', 'XLA Modules') repeat the same time under other names.
+    On a GPU, kernels are read from the device's stream lanes only: the trace's derived
+    lanes ('XLA Ops', 'XLA Modules') repeat the same time under other names. On a CPU
+    (no device lanes) the XLA worker threads run one traced event per HLO instruction;
+    their times are summed over the threads (thread-ms, not wall time).
     """
     events = trace['traceEvents'] if isinstance(trace, dict) else trace
-    device_pids = {e['pid'] for e in events if e.get('ph') == 'M' and e.get('name') == 'process_name'
-                   and str(e.get('args', {}).get('name', '')).startswith('/device:')}
+    processes = {e['pid']: str(e.get('args', {}).get('name', '')) for e in events
+                 if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+    on_device = any(name.startswith('/device:') for name in processes.values())
     lanes = {(e['pid'], e.get('tid')): str(e.get('args', {}).get('name', ''))
-             for e in events if e.get('ph') == 'M' and e.get('name') == 'thread_name'
-             and e['pid'] in device_pids}
+             for e in events if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
     by_lane, by_kernel, by_op, by_line = (collections.Counter() for _ in range(4))
     for e in events:
-        if e.get('ph') != 'X' or e.get('pid') not in device_pids:
+        if e.get('ph') != 'X' or processes.get(e.get('pid'), '').startswith('/device:') != on_device:
             continue
         ms = e.get('dur', 0.0) / 1e3 / steps
         lane = lanes.get((e['pid'], e.get('tid')), '?')
-        by_lane[lane] += ms
-        if not lane.startswith('Stream'):
-            continue
         op = _instruction(e['name'], str(e.get('args', {}).get('hlo_op', '')), sources)
+        if on_device:
+            by_lane[lane] += ms
+            if not lane.startswith('Stream'):
+                continue
+        elif op not in sources:     # host events that are not XLA's work
+            continue
+        else:
+            by_lane[lane] += ms
         by_kernel[e['name']] += ms
         by_op[op] += ms
         by_line[sources.get(op, '?')] += ms
@@ -113,8 +122,9 @@ def device_time(trace: dict, sources: dict[str, str], steps: int) -> dict:
     def top(counter, n=80):
         return [[k, round(v, 4)] for k, v in counter.most_common(n)]
 
-    return dict(device_ms_per_step=sum(by_kernel.values()), by_lane=top(by_lane),
-                by_source_line=top(by_line), by_hlo_op=top(by_op), by_kernel=top(by_kernel))
+    return dict(device_ms_per_step=sum(by_kernel.values()), on_device=on_device,
+                by_lane=top(by_lane), by_source_line=top(by_line), by_hlo_op=top(by_op),
+                by_kernel=top(by_kernel))
 
 
 def profile(step, state, data, batch: int, out: str, steps: int, min_seconds: float,
@@ -181,7 +191,8 @@ def main():
         with open(os.path.join(args.out, f'step_b{batch}.json'), 'w') as f:
             json.dump(row, f, indent=1)
         print(f'{args.variant} {args.dtype} batch {batch}: {row["images_per_s"]:.1f} img/s, '
-              f'step {row["step_ms"]:.1f} ms, device busy {row.get("device_ms_per_step", 0):.1f} ms, '
+              f'step {row["step_ms"]:.1f} ms, {"device busy" if row.get("on_device") else "XLA threads busy"} '
+              f'{row.get("device_ms_per_step", 0):.1f} ms, '
               f'compile {row["compile_s"]:.0f} s', flush=True)
         for line, ms in row.get('by_source_line', [])[:15]:
             print(f'  {ms:8.2f} ms  {line}')

@@ -120,7 +120,6 @@ def test_profile_summary_puts_device_time_on_our_source_lines():
     profile = _script('profile_step')
     x = jnp.ones((8, 8))
     hlo = jax.jit(jax.grad(lambda x: _scaled_tanh(x).sum())).lower(x).compile().as_text()
-    hlo += jax.jit(_scaled_tanh).lower(x).compile().as_text()
     sources = profile.hlo_sources(hlo)
     line = _scaled_tanh.__code__.co_firstlineno + 1
     where = f'test_analysis_scripts.py:{line} _scaled_tanh'
@@ -147,3 +146,13 @@ def test_profile_summary_puts_device_time_on_our_source_lines():
     assert summary['by_source_line'] == [[where, 1.5], ['?', 0.5]]
     assert summary['by_hlo_op'] == [[op, 1.5], ['custom-call.1', 0.5]]
     assert dict(summary['by_lane']) == {'Stream #5': 2.0, 'XLA Ops': 2.0}
+
+    # A CPU trace: no device lanes; XLA's worker threads name each instruction they run.
+    cpu = [{'ph': 'M', 'pid': 9, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+           {'ph': 'M', 'pid': 9, 'tid': 1, 'name': 'thread_name', 'args': {'name': 'tf_XLAEigen/1'}},
+           {'ph': 'X', 'pid': 9, 'tid': 1, 'ts': 0, 'dur': 5000, 'name': 'ThunkExecutor::Execute'},
+           {'ph': 'X', 'pid': 9, 'tid': 1, 'ts': 0, 'dur': 3000, 'name': op},
+           {'ph': 'X', 'pid': 9, 'tid': 1, 'ts': 0, 'dur': 1000, 'name': backward[0]}]
+    summary = profile.device_time({'traceEvents': cpu}, sources, steps=1)
+    assert not summary['on_device'] and summary['device_ms_per_step'] == pytest.approx(4.0)
+    assert summary['by_source_line'] == [[where, 3.0], [where + ' [bwd]', 1.0]]
