@@ -211,6 +211,22 @@ def train_batch(batch: int, mesh):
 STEPS_IN_FLIGHT = 4
 
 
+class Stepper:
+    """Runs a compiled train step on one batch, carrying the (donated) state along.
+    `run` dispatches a step without waiting; `wait` waits for the last one. Warmed up."""
+
+    def __init__(self, compiled, state, data):
+        self.compiled, self.state, self.data = compiled, state, data
+        self.run()
+        self.wait()
+
+    def run(self):
+        self.state, self.metrics = self.compiled(self.state, self.data)
+
+    def wait(self):
+        self.metrics['loss'].block_until_ready()
+
+
 def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
                      torch_too: bool, min_seconds: float, peak: float, report) -> None:
     """Training images/s: the trainer's jitted step against the same recipe in PyTorch
@@ -246,18 +262,10 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
         compiled = lowered.compile()
         print(f'  compiled the train step for batch {batch} in {time.perf_counter() - t:.0f} s',
               flush=True)
-        holder = {'state': state}
-
-        def run():
-            holder['state'], holder['metrics'] = compiled(holder['state'], data)
-
-        def wait():
-            holder['metrics']['loss'].block_until_ready()
-
-        run()
-        wait()
-        seconds = timed(run, min_seconds=min_seconds, calls=STEPS_IN_FLIGHT, wait=wait)
-        state = holder['state']
+        stepper = Stepper(compiled, state, data)
+        seconds = timed(stepper.run, min_seconds=min_seconds, calls=STEPS_IN_FLIGHT,
+                        wait=stepper.wait)
+        state = stepper.state
         row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
                    micro_batch=None, jax_images_per_s=batch / seconds,
                    **utilisation(flops, batch, seconds, peak))

@@ -134,23 +134,14 @@ def profile(step, state, data, batch: int, out: str, steps: int, min_seconds: fl
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
-    holder = {'state': state}
-
-    def run():
-        holder['state'], holder['metrics'] = compiled(holder['state'], data)
-
-    def wait():
-        holder['metrics']['loss'].block_until_ready()
-
-    run()
-    wait()
-    seconds = benchmark.timed(run, min_seconds=min_seconds, calls=benchmark.STEPS_IN_FLIGHT,
-                              wait=wait)
+    stepper = benchmark.Stepper(compiled, state, data)
+    seconds = benchmark.timed(stepper.run, min_seconds=min_seconds,
+                              calls=benchmark.STEPS_IN_FLIGHT, wait=stepper.wait)
     tmp = tempfile.mkdtemp()
     jax.profiler.start_trace(tmp, create_perfetto_trace=True)
     for _ in range(steps):     # back to back, as the trainer runs
-        run()
-    wait()
+        stepper.run()
+    stepper.wait()
     jax.profiler.stop_trace()
     traces = glob.glob(os.path.join(tmp, '**', 'perfetto_trace.json.gz'), recursive=True)
     hlo = compiled.as_text()
@@ -165,7 +156,7 @@ def profile(step, state, data, batch: int, out: str, steps: int, min_seconds: fl
     shutil.rmtree(tmp, ignore_errors=True)
     return dict(batch=batch, compile_s=compile_s, step_ms=seconds * 1e3,
                 images_per_s=batch / seconds, gflops_per_image=flops / batch / 1e9,
-                **summary), holder['state']
+                **summary), stepper.state
 
 
 def main():
