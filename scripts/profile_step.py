@@ -155,7 +155,9 @@ def profile(step, state, data, batch: int, out: str, steps: int, min_seconds: fl
             f.write(hlo)
     shutil.rmtree(tmp, ignore_errors=True)
     return dict(batch=batch, compile_s=compile_s, step_ms=seconds * 1e3,
-                images_per_s=batch / seconds, gflops_per_image=flops / batch / 1e9,
+                images_per_s=batch / seconds,
+                # None where XLA gave no count (jax 0.11 on a GPU, for the train step)
+                gflops_per_image=flops / batch / 1e9 if flops else None,
                 **summary), stepper.state
 
 
