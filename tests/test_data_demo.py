@@ -2,11 +2,16 @@
 
 import csv
 import hashlib
+import importlib.util
 import os
 
 import numpy as np
 
 from smartiqa_jax.data import demo
+
+# Photos with at least one region of enough detail: the 16 shipped ones
+# less clock, moon and retina.
+PHOTOS = 13
 
 
 def digest(folder: str) -> str:
@@ -34,7 +39,7 @@ def test_demo_is_deterministic_idempotent_and_split_by_photo(tmp_path):
     assert os.path.getmtime(os.path.join(a, 'labels.csv')) == mtime  # not regenerated
 
     table = rows(a)
-    assert len(table) == 15 * 31
+    assert len(table) == PHOTOS * 31
     sources = {s: {r['source'] for r in table if r['split'] == s}
                for s in ('train', 'validation', 'test')}
     assert all(sources.values())
@@ -56,9 +61,41 @@ def test_demo_is_deterministic_idempotent_and_split_by_photo(tmp_path):
 def test_read_demo_gives_splits_with_0_100_scale(tmp_path):
     splits = demo.read_demo(str(tmp_path), regions_per_photo=1)
     assert not splits.report.problems
-    assert sum(len(v) for v in splits.splits.values()) == 15 * 31
+    assert sum(len(v) for v in splits.splits.values()) == PHOTOS * 31
     r = splits['test'][0]
     assert (r.scale.low, r.scale.high, r.scale.higher_is_better) == (0.0, 100.0, True)
     from PIL import Image
     with Image.open(r.image) as img:
         assert img.size == (320, 240)
+
+
+def test_regions_are_detailed_enough_for_every_distortion_to_show():
+    photos = demo._photos()
+    kept = {name: demo._regions(photo, 4) for name, photo in photos.items()}
+    assert sorted(name for name, regions in kept.items() if not regions) == [
+        'clock', 'moon', 'retina']
+    assert sum(len(r) for r in kept.values()) == 34
+    for regions in kept.values():
+        details = [demo.detail(r) for r in regions]
+        assert all(d >= demo.MIN_DETAIL for d in details)
+        assert details == sorted(details, reverse=True)
+        assert all(r.shape == (*demo.TILE, 3) and r.dtype == np.uint8 for r in regions)
+    # Level 1 blur changes every kept region measurably: detail falls by 20% or more.
+    rng = np.random.default_rng(0)
+    for regions in kept.values():
+        for r in regions:
+            blurred = np.clip(np.round(demo._blur(r, 1, rng)), 0, 255).astype(np.uint8)
+            assert demo.detail(blurred) < 0.8 * demo.detail(r)
+
+
+def test_labels_are_learnable_across_photos_by_content_blind_statistics(tmp_path, capsys):
+    """scripts/demo_learnability.py on the default dataset: what the README states."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        'scripts', 'demo_learnability.py')
+    spec = importlib.util.spec_from_file_location('demo_learnability', path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    srcc = script.main(['--root', str(tmp_path)])
+    assert srcc['train'] > 0.98
+    assert srcc['validation'] > 0.8 and srcc['test'] > 0.85
+    assert 'test SRCC by source: brick' in capsys.readouterr().out
