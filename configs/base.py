@@ -56,6 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_crop_mode = 'random'    # released; seeded per (image, crop): reproducible
     config.data.hflip = True
     config.data.color_jitter = False
+    config.data.rotate90 = False             # random 90-degree turns (not in the paper; demo)
     config.data.cache = False                # decode + resize once into a memory-mapped file
     config.data.num_workers = 0              # grain worker processes
     # Shards of the training stream; -1: one per process. The data order depends

@@ -75,6 +75,25 @@ def test_each_image_patches_per_image_times_per_epoch_with_new_crops(tmp_path):
     assert [b['score'][0] for b in batches[:30]] != [b['score'][0] for b in batches[30:]]
 
 
+@pytest.mark.parametrize('hflip', [False, True])
+def test_rotate90_gives_the_square_symmetries_and_only_them(tmp_path, hflip):
+    # One 32x32 image with no symmetry of its own, cropped whole (no offset).
+    from PIL import Image
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'a.png')
+    fx.write_csv(str(tmp_path / 'labels.csv'), ['image', 'score'], [['a.png', 1.0]])
+    recs = readers.read_csv_folder(str(tmp_path / 'labels.csv'), fractions=(1, 0, 0))['train']
+    loader = train_loader(recs, batch_size=8, patches_per_image=64, resize=None, hflip=hflip,
+                          rotate90=True, num_epochs=1)
+    seen = collections.Counter(
+        image.tobytes() for batch in loader for image in batch['image'])
+    base = preprocess.normalize(pixels)
+    views = [np.rot90(v, k) for v in ([base, base[:, ::-1]] if hflip else [base])
+             for k in range(4)]
+    assert set(seen) == {np.ascontiguousarray(v).tobytes() for v in views}
+    assert sum(seen.values()) == 64 and min(seen.values()) >= 2
+
+
 def test_global_batch_is_split_over_processes(tmp_path):
     loader = train_loader(records(tmp_path), batch_size=None, global_batch_size=8,
                           shard_index=1, shard_count=2)

@@ -299,10 +299,11 @@ class _HasPixels(grain.FilterTransform):
 
 @dataclasses.dataclass
 class _TrainAugment(grain.RandomMapTransform):
-    """uint8 image -> normalised float32 (crop, crop, 3): random crop, flip, jitter."""
+    """uint8 image -> normalised float32 (crop, crop, 3): random crop, flip, rotation, jitter."""
     crop_size: int
     hflip: bool
     color_jitter: bool
+    rotate90: bool = False
 
     def random_map(self, element, rng: np.random.Generator):
         pixels = element['pixels']
@@ -311,6 +312,8 @@ class _TrainAugment(grain.RandomMapTransform):
         patch = preprocess.crop(pixels, offset, self.crop_size)
         if self.hflip and rng.random() < 0.5:
             patch = patch[:, ::-1]
+        if self.rotate90:
+            patch = np.rot90(patch, int(rng.integers(4)))
         if self.color_jitter:
             patch = preprocess.color_jitter(np.ascontiguousarray(patch), rng)
         return {'image': preprocess.normalize(patch), 'score': np.float32(element['score'])}
@@ -453,7 +456,7 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
                       global_batch_size: Optional[int] = None, seed: int = 0,
                       patches_per_image: int = 20, crop_size: int = 224,
                       resize: Any = preprocess.KONIQ_RESIZE, hflip: bool = True,
-                      color_jitter: bool = False, worker_count: int = 0,
+                      color_jitter: bool = False, rotate90: bool = False, worker_count: int = 0,
                       shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                       cache: Any = False, num_epochs: Optional[int] = None,
                       read_threads: int = 16, worker_buffer_size: int = 2) -> Loader:
@@ -473,7 +476,9 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
         shorter side (aspect kept), None to keep the size, or 'koniq'/'HxW'.
         Images smaller than the crop are scaled up to fit it.
       hflip: horizontal flip with p = 0.5. color_jitter: SPEC 2's (0.1, 0.1,
-        0.1, hue 0.05).
+        0.1, hue 0.05). rotate90: rotate by 0, 90, 180 or 270 degrees, each
+        with p = 1/4 (with hflip: all 8 symmetries of the square crop); not in
+        the paper, for training from scratch on few photos (configs/demo.py).
       worker_count: grain worker processes (0 = in this process). The caller's
         script needs an `if __name__ == '__main__':` guard for workers > 0.
       shard_index, shard_count: this host's shard; default jax.process_index()
@@ -503,7 +508,7 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
         # Only without a cache can an image fail here; dropping it keeps the
         # run alive (the warning names the file).
         None if reader.cache is not None else _HasPixels(),
-        _TrainAugment(crop_size, hflip, color_jitter),
+        _TrainAugment(crop_size, hflip, color_jitter, rotate90),
         grain.Batch(per_host, drop_remainder=True),
     ]
     data_loader = grain.DataLoader(
