@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.loss_params = ml_collections.ConfigDict()
     config.train.loss_params.margin = 1.0    # rank_hinge, label units
     config.train.loss_params.scale = 10.0    # fidelity, label units
+    # After training: fit score = a * prediction + b on the training split and fold
+    # it into the score layers, so a scale-free loss (plcc, rank_hinge, fidelity)
+    # still predicts on the label scale; writes workdir/model (train.calibrate_score_layers).
+    config.train.calibrate = False
     config.train.patience = 5                # epochs without a better validation SRCC
     config.train.compute_dtype = 'float32'   # bfloat16 on GPU/TPU; parameters stay float32
     config.train.log_every_steps = 50

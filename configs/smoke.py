@@ -22,9 +22,11 @@ def get_config():
     config.data.eval_crops = 1
     config.data.eval_crop_mode = 'center'
     config.data.cache = False
+    config.data.rotate90 = False
     config.data.max_images_per_split = 24
     config.train.batch_size = 4
     config.train.loss = 'l1'
+    config.train.calibrate = False
     config.train.eval_batch_size = 8
     config.train.num_epochs = 2
     config.train.max_steps_per_epoch = 3

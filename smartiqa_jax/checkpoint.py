@@ -85,7 +85,8 @@ def _is_model_dir(path: Path) -> bool:
 def find_checkpoint(path: str | os.PathLike) -> Path:
     """Resolves a model checkpoint directory from a checkpoint, a step directory or a workdir.
 
-    A training workdir resolves to its best checkpoint if train.py recorded one
+    A training workdir resolves to its `model/` (the final model train.py writes
+    with `train.calibrate`), else its best checkpoint if train.py recorded one
     (`best_step` file), else its latest step.
     """
     path = _absolute(path)
@@ -93,6 +94,8 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f'{path}: no such checkpoint directory')
     if _is_model_dir(path):
         return path
+    if _is_model_dir(path / 'model'):
+        return path / 'model'
     for root in (path / 'checkpoints', path):
         if not root.is_dir():
             continue

@@ -180,6 +180,14 @@ class EvalSet:
 
     def evaluate(self, eval_step, params, mesh) -> dict[str, float]:
         """Per-image SRCC/PLCC/KRCC/RMSE after averaging each image's crops."""
+        per_image = self.predict(eval_step, params, mesh)
+        keep = np.isfinite(per_image)  # images that failed to decode have no crops
+        result = quality_metrics(per_image[keep], self.labels[keep])
+        result['images'] = int(keep.sum())
+        return result
+
+    def predict(self, eval_step, params, mesh) -> np.ndarray:
+        """(n_images,) scores, each the mean of its crops; NaN where an image failed."""
         from smartiqa_jax.data import aggregate_crops
         preds, indices, masks = [], [], []
         for batch in self.loader:
@@ -192,11 +200,7 @@ class EvalSet:
             from jax.experimental import multihost_utils
             local = [np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
                      for x in local]
-        per_image = aggregate_crops(local[1], local[0], self.loader.num_images, mask=local[2])
-        keep = np.isfinite(per_image)  # images that failed to decode have no crops
-        result = quality_metrics(per_image[keep], self.labels[keep])
-        result['images'] = int(keep.sum())
-        return result
+        return aggregate_crops(local[1], local[0], self.loader.num_images, mask=local[2])
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:
@@ -265,9 +269,7 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         # schedules). In a 16- or 32-wide Swin a 0.02 Linear scales its input by
         # ~0.1, so every block starts nearly as the identity and nearly linear.
         # LeCun-normal (std 1/sqrt(fan_in)) makes the blocks nonlinear from the
-        # start. On the demo it makes the training loss fall much faster, but
-        # (9 training photos) validation does not follow, so configs/demo.py
-        # leaves it off; kept for runs with more data.
+        # start: configs/demo.py uses it (its docstring has the comparison).
         pure = editable()
 
         def rescale(path, leaf):
@@ -318,6 +320,32 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
     if host:
         params = sharding.replicate(host, mesh)
     return train_graphdef, eval_graphdef, params
+
+
+def calibrate_score_layers(params: dict, predictions: np.ndarray, labels: np.ndarray
+                           ) -> tuple[dict, tuple[float, float] | None]:
+    """Fits labels ~ a * predictions + b (least squares) and folds it into the score layers.
+
+    The score is b5 + w5 . q, with w5 and b5 Linears of the hyper feature, so
+    scaling both layers by a and adding b to b5's bias makes the model predict
+    a * score + b exactly. For a scale-free loss (plcc, rank_hinge, fidelity),
+    whose scores have an arbitrary scale and offset: the ranking, SRCC, PLCC
+    and KRCC are unchanged, RMSE becomes meaningful. Returns (params, (a, b)),
+    or (params unchanged, None) when a <= 0 (that would reverse the ranking)
+    or fewer than two distinct predictions are finite.
+    """
+    keep = np.isfinite(predictions)
+    x, y = np.asarray(predictions, np.float64)[keep], np.asarray(labels, np.float64)[keep]
+    if len(np.unique(x)) < 2:
+        return params, None
+    a, b = np.polyfit(x, y, 1)
+    if not a > 0:
+        return params, None
+    params = dict(params)
+    params['w5_fc'] = {k: v * a for k, v in params['w5_fc'].items()}
+    params['b5_fc'] = {'kernel': params['b5_fc']['kernel'] * a,
+                       'bias': params['b5_fc']['bias'] * a + b}
+    return params, (float(a), float(b))
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -599,6 +627,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Test the best epoch (chosen on validation) on the test split and cross sets.
     state = state.replace(params=checkpoints.restore_params(progress.best_step, state.params))
+    calibration = None
+    if config.train.calibrate:
+        # On the training split, with the evaluation protocol: never on test.
+        train_set = EvalSet('train', splits['train'], config.data, **eval_kwargs)
+        params, calibration = calibrate_score_layers(
+            state.params, train_set.predict(eval_step, state.params, mesh), train_set.labels)
+        state = state.replace(params=params)
+        if calibration is None:
+            say('Calibration skipped: the training predictions do not rise with the labels.')
+        else:
+            say(f'Calibrated on the training split: score = {calibration[0]:.4g} * raw '
+                f'{calibration[1]:+.4g}')
+        # The model users load from the workdir (checkpoint.find_checkpoint prefers it).
+        from smartiqa_jax.checkpoint import save_model
+        save_model(os.path.join(workdir, 'model'), nnx.merge(eval_graphdef, state.params),
+                   force=True)
     test_sets = [EvalSet('test', splits['test'], config.data, **eval_kwargs)]
     for name, cross_splits in cross:
         records = [r for split in cross_splits for r in cross_splits[split]]
@@ -613,6 +657,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary = {'best_epoch': progress.best_epoch, 'best_step': progress.best_step,
                'steps': step, 'train_seconds': train_seconds,
                'stopped_early': progress.stopped_early, 'history': progress.history,
+               'calibration': None if calibration is None else dict(zip('ab', calibration)),
                'results': {k: _nan_to_none(v) for k, v in results.items()}}
     if is_main:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:

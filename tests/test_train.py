@@ -48,6 +48,46 @@ def test_tiny_config_runs_the_trainer_end_to_end(tmp_path, demo_root):
     # Running again on a finished workdir only repeats the test.
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again['results']['test'] == pytest.approx(summary['results']['test'], nan_ok=True)
+    assert summary['calibration'] is None and not os.path.exists(tmp_path / 'model')
+
+
+def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root):
+    from smartiqa_jax import checkpoint
+    config = smoke.get_config()
+    config.data.root = demo_root
+    config.train.loss = 'plcc'
+    config.train.calibrate = True
+    config.train.num_epochs = 1
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / 'model'
+    model = checkpoint.load(tmp_path)
+    best = checkpoint.load(tmp_path / 'checkpoints' / str(summary['best_step']))
+    assert summary['calibration'] is not None     # the run is deterministic
+    a, b = summary['calibration']['a'], summary['calibration']['b']
+    images = jax.random.normal(jax.random.key(0), (2, 224, 224, 3))
+    np.testing.assert_allclose(model.predict(images)['score'],
+                               a * best.predict(images)['score'] + b, rtol=1e-4, atol=1e-3)
+
+
+def test_calibration_folds_an_affine_map_into_the_score_layers():
+    from flax import nnx
+    from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+    model = SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    images = jax.random.normal(jax.random.key(1), (3, 224, 224, 3))
+    raw = np.asarray(nnx.merge(graphdef, params)(images)['score'])
+    labels = 2.5 * raw - 7.0
+    calibrated, ab = train.calibrate_score_layers(params, raw, labels)
+    assert ab == pytest.approx((2.5, -7.0), rel=1e-3)
+    new = np.asarray(nnx.merge(graphdef, calibrated)(images)['score'])
+    np.testing.assert_allclose(new, labels, rtol=1e-4, atol=1e-4)
+    # Everything but the two score layers is untouched.
+    for name in set(params) - {'w5_fc', 'b5_fc'}:
+        assert calibrated[name] is params[name]
+    # Never reverses the ranking; nothing to fit from one distinct prediction.
+    assert train.calibrate_score_layers(params, raw, -labels) == (params, None)
+    assert train.calibrate_score_layers(params, np.ones(3), labels) == (params, None)
 
 
 def test_loss_falls_when_overfitting_one_batch():
