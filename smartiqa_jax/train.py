@@ -140,8 +140,8 @@ class TrainFeed:
                 patches_per_image=data_config.patches_per_image,
                 crop_size=data_config.crop_size, resize=_resize(data_config),
                 hflip=data_config.hflip, color_jitter=data_config.color_jitter,
-                rotate90=data_config.rotate90, worker_count=data_config.num_workers, shard_index=shard,
-                shard_count=shard_count, cache=cache)
+                rotate90=data_config.rotate90, worker_count=data_config.num_workers,
+                shard_index=shard, shard_count=shard_count, cache=cache)
             for shard in range(index * per_process, (index + 1) * per_process)]
         self.iterators = [iter(loader) for loader in self.loaders]
         self.batches_per_epoch = self.loaders[0].batches_per_epoch
