@@ -134,6 +134,7 @@ class TrainFeed:
         cache = (make_decoded_cache(source, resize=_resize(data_config),
                                     crop_size=data_config.crop_size)
                  if data_config.cache else False)
+        self.cache = cache   # also read by the calibration pass over the training split
         self.loaders = [
             make_train_loader(
                 source, batch_size=global_batch_size // shard_count, seed=seed,
@@ -168,14 +169,17 @@ def _resize(data_config) -> Any:
 class EvalSet:
     """One split scored with the multi-crop protocol (SPEC 2)."""
 
-    def __init__(self, name: str, records, data_config, *, batch_size: int, seed: int):
+    def __init__(self, name: str, records, data_config, *, batch_size: int, seed: int,
+                 cache: Any = None):
+        """cache: a decoded cache of these records to share; None: per data_config.cache."""
         from smartiqa_jax.data import image_scores, make_eval_loader
         self.name = name
         self.loader = make_eval_loader(
             records, global_batch_size=batch_size, crops=data_config.eval_crops,
             crop_mode=data_config.eval_crop_mode, seed=seed,
             crop_size=data_config.crop_size, resize=_resize(data_config),
-            worker_count=data_config.num_workers, cache=data_config.cache)
+            worker_count=data_config.num_workers,
+            cache=data_config.cache if cache is None else cache)
         self.labels = image_scores(records)
 
     def evaluate(self, eval_step, params, mesh) -> dict[str, float]:
@@ -630,7 +634,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     calibration = None
     if config.train.calibrate:
         # On the training split, with the evaluation protocol: never on test.
-        train_set = EvalSet('train', splits['train'], config.data, **eval_kwargs)
+        train_set = EvalSet('train', splits['train'], config.data, cache=feed.cache,
+                            **eval_kwargs)
         params, calibration = calibrate_score_layers(
             state.params, train_set.predict(eval_step, state.params, mesh), train_set.labels)
         state = state.replace(params=params)
