@@ -19,6 +19,9 @@ validation 2 photos, test 3, so differences of ~0.1 are noise; "best val" is
 the epoch the run keeps, and test is measured there):
 - loss plcc (this config):       best val 0.68, test 0.62; seed 1: 0.65 / 0.59.
   Validation swings (0.37-0.68 between epochs) but stays above L1's.
+- learning rates 2e-3 (plcc):    best val 0.57, test 0.69. Kept at 1e-3,
+  which validation prefers: choosing by the test figure would be choosing
+  on test, and with 3 test photos it is as noisy as validation.
 - loss l1:                       best val 0.56, test 0.54.
 - loss l2:                       best val 0.60, test 0.39.
 - l1 without rotate90:           best val 0.53 at epoch 5, then falling to
