@@ -67,14 +67,20 @@ def restore_params(model: nnx.Module, tree: dict) -> None:
     nnx.update(model, state)
 
 
-def save_model(directory: str | os.PathLike, model: SmartIQA, *, force: bool = False) -> Path:
-    """Saves `model` (parameters + config) as an orbax checkpoint directory; returns its path."""
+def save_model(directory: str | os.PathLike, model: SmartIQA, *, force: bool = False,
+               training_config: dict | None = None) -> Path:
+    """Saves `model` (parameters + config) as an orbax checkpoint directory; returns its path.
+
+    training_config: the run's config as JSON, stored as the `config` item as in
+    training checkpoints, so `predict` finds the run's preprocessing.
+    """
     directory = _absolute(directory)
+    items = {PARAMS: ocp.args.StandardSave(params_pytree(model)),
+             MODEL_CONFIG: ocp.args.JsonSave(model.config.to_dict())}
+    if training_config is not None:
+        items['config'] = ocp.args.JsonSave(training_config)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(directory, ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(params_pytree(model)),
-            MODEL_CONFIG: ocp.args.JsonSave(model.config.to_dict()),
-        }), force=force)
+        checkpointer.save(directory, ocp.args.Composite(**items), force=force)
     return directory
 
 

@@ -143,8 +143,8 @@ def format_resize(resize: preprocess.ResizeSpec) -> str:
 def checkpoint_resize(checkpoint_dir: str | os.PathLike) -> tuple[bool, preprocess.ResizeSpec]:
     """The resize a training run used, from the `config` item of its checkpoint.
 
-    Returns (found, resize). Model checkpoints written by `checkpoint.save_model` carry no
-    training config: (False, None).
+    Returns (found, resize). Model checkpoints written by `checkpoint.save_model` without a
+    `training_config` (the `convert` command's) carry none: (False, None).
     """
     config_dir = Path(checkpoint_dir) / 'config'
     if not config_dir.is_dir():

@@ -647,7 +647,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # The model users load from the workdir (checkpoint.find_checkpoint prefers it).
         from smartiqa_jax.checkpoint import save_model
         save_model(os.path.join(workdir, 'model'), nnx.merge(eval_graphdef, state.params),
-                   force=True)
+                   force=True, training_config=config_json)
     test_sets = [EvalSet('test', splits['test'], config.data, **eval_kwargs)]
     for name, cross_splits in cross:
         records = [r for split in cross_splits for r in cross_splits[split]]

@@ -72,6 +72,9 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     # The calibration pass reads the training feed's decoded cache: each image once.
     assert decodes and max(decodes.values()) == 1
     assert checkpoint.find_checkpoint(tmp_path) == tmp_path / 'model'
+    # It carries the run's config, so `predict` preprocesses as the run did.
+    from smartiqa_jax import predict
+    assert predict.checkpoint_resize(tmp_path / 'model') == (True, (224, 224))
     model = checkpoint.load(tmp_path)
     best = checkpoint.load(tmp_path / 'checkpoints' / str(summary['best_step']))
     assert summary['calibration'] is not None     # the run is deterministic
