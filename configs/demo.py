@@ -45,8 +45,8 @@ Why these settings:
   the end and folds it into the score layers (the model in workdir/model
   predicts 0..100 pseudo-MOS).
 - score_scale='label_std' and hyper_conv_init='kaiming': with them the head
-  leaves the constant prediction (both matter for L1; kept for plcc, under
-  which they are harmless).
+  leaves the constant prediction under L1 (measured on version 1); kept,
+  not measured again under plcc.
 - Not used: more training content from procedural "dead leaves" images
   (tried on version 1 of the dataset, 3 epochs: validation 0.36 / test 0.31,
   as without them; with fan_in 0.19 / 0.21), and Adam's b2=0.99 (600 steps:
