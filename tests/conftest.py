@@ -34,3 +34,20 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo')
     ensure_demo_dataset(str(root))
     return str(root)
+
+
+@pytest.fixture
+def decode_counts(monkeypatch):
+    """Counts image decodes by file name for the test's duration; the Counter."""
+    import collections
+
+    from smartiqa_jax import preprocess
+    counts = collections.Counter()
+    decode = preprocess.decode_image
+
+    def counting_decode(data, name='<bytes>'):
+        counts[name] += 1
+        return decode(data, name)
+
+    monkeypatch.setattr(preprocess, 'decode_image', counting_decode)
+    return counts

@@ -133,18 +133,11 @@ def test_cache_gives_the_same_batches(tmp_path):
     assert os.path.getsize(tmp_path / 'cache' / 'pixels.u8') == 12 * 48 * 40 * 3
 
 
-def test_one_cache_shared_by_the_shards_of_a_process(tmp_path, monkeypatch):
+def test_one_cache_shared_by_the_shards_of_a_process(tmp_path, decode_counts):
     """TrainFeed reading two shards decodes the split once, not once per shard."""
     from configs import smoke
     from smartiqa_jax import train
-    decodes = collections.Counter()
-    decode = preprocess.decode_image
-
-    def counting_decode(data, name='<bytes>'):
-        decodes[name] += 1
-        return decode(data, name)
-
-    monkeypatch.setattr(preprocess, 'decode_image', counting_decode)
+    decodes = decode_counts
     recs = records(tmp_path)
     data = smoke.get_config().data
     data.resize, data.crop_size, data.patches_per_image = (48, 40), 32, 2

@@ -1,6 +1,5 @@
 """The trainer end to end on a tiny config, its bookkeeping, and its messages."""
 
-import collections
 import json
 import math
 import os
@@ -52,25 +51,17 @@ def test_tiny_config_runs_the_trainer_end_to_end(tmp_path, demo_root):
     assert summary['calibration'] is None and not os.path.exists(tmp_path / 'model')
 
 
-def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, monkeypatch):
-    from smartiqa_jax import checkpoint, preprocess
+def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, decode_counts):
+    from smartiqa_jax import checkpoint
     config = smoke.get_config()
     config.data.root = demo_root
     config.data.cache = True
     config.train.loss = 'plcc'
     config.train.calibrate = True
     config.train.num_epochs = 1
-    decodes = collections.Counter()
-    decode = preprocess.decode_image
-
-    def counting_decode(data, name='<bytes>'):
-        decodes[name] += 1
-        return decode(data, name)
-
-    monkeypatch.setattr(preprocess, 'decode_image', counting_decode)
     summary = train.train_and_evaluate(config, str(tmp_path))
     # The calibration pass reads the training feed's decoded cache: each image once.
-    assert decodes and max(decodes.values()) == 1
+    assert decode_counts and max(decode_counts.values()) == 1
     assert checkpoint.find_checkpoint(tmp_path) == tmp_path / 'model'
     # It carries the run's config, so `predict` preprocesses as the run did.
     from smartiqa_jax import predict
