@@ -126,8 +126,10 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, min_seconds: float = 3.0) -> f
     return 2 * n**3 / timed(lambda: f(a).block_until_ready(), min_seconds=min_seconds)
 
 
-def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None):
-    model = SmartIQA(ModelConfig(variant, fusion, dtype=dtype), rngs=nnx.Rngs(0))
+def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None,
+                attention: str = 'xla'):
+    model = SmartIQA(ModelConfig(variant, fusion, dtype=dtype, attention=attention),
+                     rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -138,9 +140,12 @@ def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None):
 
 
 def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, torch_too: bool,
-                  min_seconds: float, peak: float, micro_batch: int | None, report) -> None:
-    model, state, forward = jax_forward(variant, fusion, dtype, micro_batch)
-    plain = jax_forward(variant, fusion, dtype, None)[2] if micro_batch else forward
+                  min_seconds: float, peak: float, micro_batch: int | None, report,
+                  attention: str = 'xla') -> None:
+    model, state, forward = jax_forward(variant, fusion, dtype, micro_batch, attention)
+    # FLOPs are counted on the plain program: no lax.map, no fused-attention custom call.
+    plain = (jax_forward(variant, fusion, dtype, None)[2]
+             if micro_batch or attention != 'xla' else forward)
     side = reference = None
     if torch_too:
         side = Torch(dtype)
@@ -155,7 +160,7 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
         compiled(state, x).block_until_ready()
         seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
         row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   micro_batch=micro_batch, jax_images_per_s=batch / seconds,
+                   micro_batch=micro_batch, attention=attention, jax_images_per_s=batch / seconds,
                    **utilisation(flops, batch, seconds, peak))
         if reference is not None:
             xt = side.tensor(images, nchw=True)
@@ -171,7 +176,7 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
         report(row)
 
 
-def train_step_setup(variant: str, fusion: str, dtype: str):
+def train_step_setup(variant: str, fusion: str, dtype: str, attention: str = 'xla'):
     """The trainer's jitted step (forward, backward, clipping, AdamW in two groups; state
     donated) for `base.py`'s optimiser, with its state. Returns (config, mesh, graphdef,
     params, state, step)."""
@@ -182,7 +187,7 @@ def train_step_setup(variant: str, fusion: str, dtype: str):
     from smartiqa_jax import losses, optim, sharding, train_state
     config = base.get_config()
     mesh = sharding.make_mesh()
-    model_config = ModelConfig(variant, fusion, dtype=dtype)
+    model_config = ModelConfig(variant, fusion, dtype=dtype, attention=attention)
     train_graphdef, _, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(0)), mesh)
     tx = optim.make_optimizer(config.optim, optim.make_schedules(
@@ -228,10 +233,14 @@ class Stepper:
 
 
 def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
-                     torch_too: bool, min_seconds: float, peak: float, report) -> None:
+                     torch_too: bool, min_seconds: float, peak: float, report,
+                     attention: str = 'xla') -> None:
     """Training images/s: the trainer's jitted step against the same recipe in PyTorch
     (L1 loss, SPEC 2)."""
-    config, mesh, train_graphdef, params, state, step = train_step_setup(variant, fusion, dtype)
+    config, mesh, train_graphdef, params, state, step = train_step_setup(variant, fusion, dtype,
+                                                                         attention)
+    # FLOPs are counted on the plain program (XLA does not count a fused-attention call).
+    plain = train_step_setup(variant, fusion, dtype) if attention != 'xla' else None
     torch_step = None
     if torch_too:
         side = Torch(dtype)
@@ -257,7 +266,7 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
         images, scores, data = train_batch(batch, mesh)
         # Forward, backward and AdamW as XLA counts them (the step's whole program).
         lowered = step.lower(state, data)
-        flops = program_flops(lowered)
+        flops = program_flops(lowered if plain is None else plain[-1].lower(plain[-2], data))
         t = time.perf_counter()
         compiled = lowered.compile()
         print(f'  compiled the train step for batch {batch} in {time.perf_counter() - t:.0f} s',
@@ -267,7 +276,7 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
                         wait=stepper.wait)
         state = stepper.state
         row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   micro_batch=None, jax_images_per_s=batch / seconds,
+                   micro_batch=None, attention=attention, jax_images_per_s=batch / seconds,
                    **utilisation(flops, batch, seconds, peak))
         if torch_step is not None:
             x, y = side.tensor(images, nchw=True), side.tensor(scores)
@@ -282,6 +291,7 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
 
 def _format_row(row: dict) -> str:
     text = (f"{row.get('mode', 'infer'):>5} {row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} "
+            f"{row.get('attention', 'xla'):>5} "
             f"batch {row['batch']:>3} "
             f"(micro-batch {row['micro_batch'] or '-'}): "
             f"JAX {row['jax_images_per_s']:7.2f} img/s")
@@ -302,6 +312,8 @@ def main():
     parser.add_argument('--batches', nargs='+', type=int, default=[8, 32])
     parser.add_argument('--fusion', default='attention')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+    parser.add_argument('--attention', default='xla', choices=['xla', 'cudnn'],
+                        help="Swin window attention: XLA's, or cuDNN's fused kernel (GPU, bf16)")
     parser.add_argument('--micro-batch', type=int, default=0,
                         help='JAX: run the high-resolution stages this many images at a time '
                              '(0: off); see SwinTransformer.__call__')
@@ -331,10 +343,10 @@ def main():
     for variant in args.variants:
         if args.train:
             bench_train_step(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
-                             args.min_seconds, peak, report)
+                             args.min_seconds, peak, report, args.attention)
         else:
             bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
-                          args.min_seconds, peak, args.micro_batch or None, report)
+                          args.min_seconds, peak, args.micro_batch or None, report, args.attention)
 
 
 if __name__ == '__main__':

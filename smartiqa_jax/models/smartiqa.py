@@ -50,6 +50,8 @@ class ModelConfig:
       label_name: what the score means, e.g. 'koniq10k MOS_zscore'.
       label_range: (low, high) of the training labels; higher is better.
       dtype: compute dtype name ('float32' or 'bfloat16'); parameters are always fp32.
+      attention: Swin window attention implementation: 'xla' (any device) or 'cudnn'
+        (cuDNN's fused attention; a CUDA GPU and bfloat16). Same parameters either way.
     """
 
     variant: str = 'tiny'
@@ -60,11 +62,18 @@ class ModelConfig:
     label_name: str = 'koniq10k MOS_zscore'
     label_range: tuple[float, float] = (0.0, 100.0)
     dtype: str = 'float32'
+    attention: str = 'xla'
 
     def __post_init__(self):
         variant = get_variant(self.variant)
         if self.fusion not in FUSIONS:
             raise ValueError(f'unknown fusion {self.fusion!r}; choose one of {", ".join(FUSIONS)}')
+        if self.attention not in swin.ATTENTION_IMPLS:
+            raise ValueError(f'unknown attention {self.attention!r}; choose one of '
+                             f'{", ".join(swin.ATTENTION_IMPLS)}')
+        if self.attention == 'cudnn' and self.dtype != 'bfloat16':
+            raise ValueError("attention='cudnn' needs dtype='bfloat16' (cuDNN's fused "
+                             "attention takes bf16 or fp16 only)")
         if self.dropout is None:
             object.__setattr__(self, 'dropout', variant.dropout)
         if self.drop_path_rate is None:
@@ -179,7 +188,7 @@ class SmartIQA(nnx.Module):
         dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else None
         dims = variant.stage_dims
         self.backbone = swin.SwinTransformer(variant, drop_path_rate=config.drop_path_rate,
-                                             rngs=rngs, dtype=dtype)
+                                             rngs=rngs, dtype=dtype, attention=config.attention)
         # Local-distortion-aware branches (SPEC 1.2): 1x1 convs as Linears over channels.
         self.lda_convs = nnx.List([
             _linear(dims[i], LDA_CHANNELS[i], rngs, use_bias=False) for i in range(3)])

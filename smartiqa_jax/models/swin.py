@@ -127,12 +127,87 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
     return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
 
 
-class WindowAttention(nnx.Module):
-    """Multi-head self-attention inside 7x7 windows with a learned relative position bias."""
+ATTENTION_IMPLS = ('xla', 'cudnn')
 
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None):
+
+def window_attention_xla(q, k, v, bias, mask, scale):
+    """Attention inside each window, written out for XLA.
+
+    q, k, v: (B, nW, N, heads, d) in the compute dtype; bias: (heads, N, N) fp32;
+    mask: (nW, N, N) additive or None. Returns (B, nW, N, heads, d).
+    q.k is written in what the compute dtype's matmuls write (bf16 on a GPU, as under
+    PyTorch autocast: half the bytes of the largest tensor here); bias, mask and softmax
+    are fp32 inside one fusion.
+    """
+    out_dtype = matmul_output_dtype(q.dtype)
+    logits = jnp.einsum('bwnhd,bwmhd->bwhnm', q * scale, k, preferred_element_type=out_dtype)
+    logits = logits.astype(jnp.float32) + bias
+    if mask is not None:
+        logits = logits + mask[None, :, None]
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum('bwhnm,bwmhd->bwnhd', probs, v, preferred_element_type=out_dtype)
+
+
+# What runs `window_attention_fused` in the model; tests set 'xla' to run the fused
+# layout on a CPU.
+FUSED_IMPLEMENTATION = 'cudnn'
+
+# What a padded key gets added to its logits: exp() of it is 0 in fp32, and it is finite
+# in bf16, the dtype cuDNN takes the bias in.
+_PAD_LOGIT = -30000.0
+
+
+def window_attention_fused(q, k, v, bias, mask, scale, implementation='cudnn',
+                           tokens: int | None = None):
+    """The same attention through `jax.nn.dot_product_attention` (a fused kernel on a GPU).
+
+    cuDNN's flash attention trains with a bias only at an even sequence length, so the
+    49 tokens of a window are padded to 50: the padded key is masked out through the bias,
+    the padded query's output is dropped. Windows without a shift mask share one
+    (1, heads, 50, 50) bias, so they are the batch (a reshape); with a shift mask the bias
+    differs per window, so the windows join the heads instead, (B, 50, nW*heads, d), and
+    the bias is (1, nW*heads, 50, 50). Either way the bias has batch 1, the shape for
+    which cuDNN also returns its gradient (the relative position bias table learns).
+    The bias is added in the compute dtype (bf16 under mixed precision).
+    `implementation='xla'` runs the same layout through XLA (used to test it on a CPU);
+    `tokens` pads to more tokens than 50 (e.g. 64, a whole tile), for benchmarks.
+    """
+    b, nw, n, h, d = q.shape
+    t = tokens or n + n % 2
+    if mask is None:
+        def layout(x):
+            return x.reshape(b * nw, n, h, d)
+        full = bias[None]                                            # (1, h, n, n)
+    else:
+        def layout(x):
+            return x.transpose(0, 2, 1, 3, 4).reshape(b, n, nw * h, d)
+        full = (bias[None] + mask[:, None]).reshape(1, nw * h, n, n)  # window-major heads
+    pad = ((0, 0), (0, t - n), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(layout(x), pad) for x in (q, k, v))
+    full = jnp.pad(full, ((0, 0), (0, 0), (0, t - n), (0, 0)))
+    full = jnp.pad(full, ((0, 0), (0, 0), (0, 0), (0, t - n)), constant_values=_PAD_LOGIT)
+    out = jax.nn.dot_product_attention(q, k, v, bias=full.astype(q.dtype), scale=scale,
+                                       implementation=implementation)[:, :n]
+    if mask is None:
+        return out.reshape(b, nw, n, h, d)
+    return out.reshape(b, n, nw, h, d).transpose(0, 2, 1, 3, 4)
+
+
+class WindowAttention(nnx.Module):
+    """Multi-head self-attention inside 7x7 windows with a learned relative position bias.
+
+    attention: 'xla' (the default: einsums and a softmax that XLA fuses) or 'cudnn'
+      (`window_attention_fused`: cuDNN's fused flash attention; CUDA GPUs, bf16 only).
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None,
+                 attention: str = 'xla'):
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f'unknown attention {attention!r}; choose one of '
+                             f'{", ".join(ATTENTION_IMPLS)}')
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
+        self.attention = attention
         self.qkv = linear(dim, 3 * dim, rngs=rngs, dtype=dtype)
         self.proj = linear(dim, dim, rngs=rngs, dtype=dtype)
         self.relative_position_bias_table = nnx.Param(
@@ -145,21 +220,14 @@ class WindowAttention(nnx.Module):
         compute = self.qkv.dtype or x.dtype
         qkv = self.qkv(x).astype(compute).reshape(b, nw, n, 3, heads, c // heads)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-        # q.k is written in what the compute dtype's matmuls write (bf16 on a GPU, as under
-        # PyTorch autocast: half the bytes of the largest tensor here); bias, mask and
-        # softmax are fp32 inside one fusion.
-        logits = jnp.einsum('bwnhd,bwmhd->bwhnm', q * self.scale, k,
-                            preferred_element_type=matmul_output_dtype(compute))
-        logits = logits.astype(jnp.float32)
         index = relative_position_index(WINDOW)
         bias = self.relative_position_bias_table[...][index.reshape(-1)]
-        logits = logits + bias.reshape(n, n, heads).transpose(2, 0, 1)
-        if mask is not None:
-            logits = logits + mask[None, :, None]
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum('bwhnm,bwmhd->bwnhd', probs, v,
-                         preferred_element_type=matmul_output_dtype(compute)).reshape(b, nw, n, c)
-        return self.proj(out)
+        bias = bias.reshape(n, n, heads).transpose(2, 0, 1)
+        if self.attention == 'cudnn':
+            out = window_attention_fused(q, k, v, bias, mask, self.scale, FUSED_IMPLEMENTATION)
+        else:
+            out = window_attention_xla(q, k, v, bias, mask, self.scale)
+        return self.proj(out.reshape(b, nw, n, c))
 
 
 class Mlp(nnx.Module):
@@ -175,11 +243,11 @@ class SwinBlock(nnx.Module):
     """x + DropPath(W-MSA(LN(x))); x + DropPath(MLP(LN(x))), with an optional cyclic shift."""
 
     def __init__(self, dim: int, num_heads: int, resolution: int, shift: int, drop_path: float,
-                 *, rngs: nnx.Rngs, dtype=None):
+                 *, rngs: nnx.Rngs, dtype=None, attention: str = 'xla'):
         # A stage no larger than a window attends globally and never shifts (timm does the same).
         self.shift = 0 if resolution <= WINDOW else shift
         self.norm1 = layer_norm(dim, rngs=rngs)
-        self.attn = WindowAttention(dim, num_heads, rngs=rngs, dtype=dtype)
+        self.attn = WindowAttention(dim, num_heads, rngs=rngs, dtype=dtype, attention=attention)
         self.norm2 = layer_norm(dim, rngs=rngs)
         self.mlp = Mlp(dim, rngs=rngs, dtype=dtype)
         self.drop_path = DropPath(drop_path)
@@ -237,11 +305,11 @@ class PatchEmbed(nnx.Module):
 
 class SwinStage(nnx.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, resolution: int,
-                 drop_paths: list[float], *, rngs: nnx.Rngs, dtype=None):
+                 drop_paths: list[float], *, rngs: nnx.Rngs, dtype=None, attention: str = 'xla'):
         self.downsample = PatchMerging(in_dim, rngs=rngs, dtype=dtype) if in_dim != dim else None
         self.blocks = nnx.List([
             SwinBlock(dim, num_heads, resolution, shift=0 if i % 2 == 0 else WINDOW // 2,
-                      drop_path=drop_paths[i], rngs=rngs, dtype=dtype)
+                      drop_path=drop_paths[i], rngs=rngs, dtype=dtype, attention=attention)
             for i in range(depth)
         ])
 
@@ -262,10 +330,11 @@ class SwinTransformer(nnx.Module):
       img_size: input side; every stage must tile into 7x7 windows (224 does).
       dtype: compute dtype (None: follow the input; jnp.bfloat16 for mixed precision).
         Parameters stay fp32.
+      attention: window attention implementation, 'xla' or 'cudnn' (see WindowAttention).
     """
 
     def __init__(self, variant: Variant, *, drop_path_rate: float = 0.0, img_size: int = 224,
-                 rngs: nnx.Rngs, dtype=None):
+                 rngs: nnx.Rngs, dtype=None, attention: str = 'xla'):
         dims = variant.stage_dims
         resolutions = [img_size // PATCH // 2**i for i in range(4)]
         for r in resolutions:
@@ -279,7 +348,8 @@ class SwinTransformer(nnx.Module):
             start = sum(variant.depths[:i])
             stages.append(SwinStage(dims[max(i - 1, 0)], dims[i], variant.depths[i],
                                     variant.num_heads[i], resolutions[i],
-                                    rates[start:start + variant.depths[i]], rngs=rngs, dtype=dtype))
+                                    rates[start:start + variant.depths[i]], rngs=rngs, dtype=dtype,
+                                    attention=attention))
         self.layers = nnx.List(stages)
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None,

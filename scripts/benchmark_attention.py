@@ -1,0 +1,126 @@
+"""Swin window attention alone, forward + backward: XLA's against cuDNN's fused kernel.
+
+  python scripts/benchmark_attention.py --variant base --batch 128                 # GPU
+  python scripts/benchmark_attention.py --variant tiny --batch 8 --impls xla fused-xla  # CPU check
+
+For every stage of the variant (and, where the stage shifts, with the shift mask) it
+times one jitted forward + backward of the attention between the q/k/v projection and
+the output projection (gradients for q, k, v and the relative position bias), as the
+train step runs it, and checks each implementation against XLA in fp32: the largest
+error of the output and of each gradient, relative to the largest reference value.
+
+Implementations: 'xla' (the model's default), 'cudnn' (`window_attention_fused`, the
+49 tokens padded to 50), 'cudnn64' (padded to 64), 'fused-xla' (the fused layout run
+by XLA: checks the padding and layout on any machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smartiqa_jax.models import swin
+from smartiqa_jax.models.variants import get_variant
+
+IMPLS = {
+    'xla': swin.window_attention_xla,
+    'cudnn': swin.window_attention_fused,
+    'cudnn64': functools.partial(swin.window_attention_fused, tokens=64),
+    'fused-xla': functools.partial(swin.window_attention_fused, implementation='xla'),
+}
+
+
+def loss_and_grads(impl, mask, scale):
+    def loss(q, k, v, bias, cotangent):
+        out = impl(q, k, v, bias, mask, scale)
+        return (out.astype(jnp.float32) * cotangent).sum(), out
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+
+
+def relative_error(x, reference) -> float:
+    x, reference = np.asarray(x, np.float32), np.asarray(reference, np.float32)
+    return float(np.abs(x - reference).max() / max(np.abs(reference).max(), 1e-30))
+
+
+def median_seconds(fn, min_seconds: float) -> float:
+    fn()
+    times, start = [], time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < min_seconds:
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--variant', default='base')
+    parser.add_argument('--batch', type=int, default=128)
+    parser.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
+    parser.add_argument('--impls', nargs='+', default=['xla', 'cudnn', 'cudnn64'],
+                        choices=sorted(IMPLS))
+    parser.add_argument('--min-seconds', type=float, default=1.0)
+    parser.add_argument('--json', help='also write the rows to this JSON file')
+    args = parser.parse_args()
+
+    variant = get_variant(args.variant)
+    dtype = jnp.dtype(args.dtype)
+    print(f'{jax.devices()[0].device_kind}; jax {jax.__version__}; {args.variant}, '
+          f'batch {args.batch}, {args.dtype}', flush=True)
+    rows, totals = [], {impl: 0.0 for impl in args.impls}
+    rng = np.random.default_rng(0)
+    for stage in range(4):
+        side = 56 >> stage
+        nw, heads = max(side // swin.WINDOW, 1) ** 2, variant.num_heads[stage]
+        d = variant.stage_dims[stage] // heads
+        blocks = variant.depths[stage]
+        shifted_blocks = blocks // 2 if side > swin.WINDOW else 0
+        for shifted, count in ((False, blocks - shifted_blocks), (True, shifted_blocks)):
+            if not count:
+                continue
+            mask = (jnp.asarray(swin.shifted_window_mask(side, side, swin.WINDOW, swin.WINDOW // 2))
+                    if shifted else None)
+            shape = (args.batch, nw, swin.WINDOW ** 2, heads, d)
+            q, k, v, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+            bias = jnp.asarray(0.02 * rng.standard_normal((heads, 49, 49)), jnp.float32)
+            scale = d ** -0.5
+            (_, ref_out), ref_grads = loss_and_grads(IMPLS['xla'], mask, scale)(q, k, v, bias, g)
+            qc, kc, vc = (x.astype(dtype) for x in (q, k, v))
+            row = dict(stage=stage, shifted=shifted, blocks=count, shape=list(shape))
+            for impl in args.impls:
+                fn = loss_and_grads(IMPLS[impl], mask, scale)
+                try:
+                    (_, out), grads = fn(qc, kc, vc, bias, g)
+                    seconds = median_seconds(lambda: fn(qc, kc, vc, bias, g), args.min_seconds)
+                except Exception as e:  # noqa: BLE001 - report and go on to the next case
+                    row[impl] = dict(error=f'{type(e).__name__}: {str(e)[:300]}')
+                    print(f'stage {stage} shifted={shifted} {impl}: {row[impl]["error"]}', flush=True)
+                    totals[impl] = float('nan')
+                    continue
+                errors = [relative_error(out, ref_out)] + [relative_error(a, b)
+                                                           for a, b in zip(grads, ref_grads)]
+                row[impl] = dict(ms=1e3 * seconds, errors=errors)
+                totals[impl] += count * seconds
+                print(f'stage {stage} shifted={shifted!s:5} x{count:2} {impl:>9}: '
+                      f'{1e3 * seconds:7.3f} ms; relative error out/dq/dk/dv/dbias '
+                      + ' '.join(f'{e:.1e}' for e in errors), flush=True)
+            rows.append(row)
+    print('per train step (all blocks): '
+          + ', '.join(f'{impl} {1e3 * t:.1f} ms' for impl, t in totals.items()), flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+                       'variant': args.variant, 'batch': args.batch, 'dtype': args.dtype,
+                       'rows': rows, 'total_ms': {k: 1e3 * v for k, v in totals.items()}},
+                      f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
