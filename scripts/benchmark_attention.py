@@ -4,14 +4,15 @@
   python scripts/benchmark_attention.py --variant tiny --batch 8 --impls xla fused-xla  # CPU check
 
 For every stage of the variant (and, where the stage shifts, with the shift mask) it
-times one jitted forward + backward of the attention between the q/k/v projection and
-the output projection (gradients for q, k, v and the relative position bias), as the
+times one jitted forward + backward of the attention between the qkv projection and
+the output projection (gradients for qkv and the relative position bias), as the
 train step runs it, and checks each implementation against XLA in fp32: the largest
 error of the output and of each gradient, relative to the largest reference value.
 
-Implementations: 'xla' (the model's default), 'cudnn' (`window_attention_fused`, the
-49 tokens padded to 50), 'cudnn64' (padded to 64), 'fused-xla' (the fused layout run
-by XLA: checks the padding and layout on any machine).
+Implementations: 'xla' (the model's default), 'pallas' (`window_attention_pallas`, one
+Triton kernel per direction), 'cudnn' (`window_attention_fused`, the 49 tokens padded to
+50), 'cudnn64' (padded to 64); 'fused-xla' and 'pallas-interpret' run the cuDNN layout
+through XLA and the Pallas kernels in interpret mode, to check them on any machine.
 """
 
 from __future__ import annotations
@@ -28,19 +29,31 @@ import numpy as np
 from smartiqa_jax.models import swin
 from smartiqa_jax.models.variants import get_variant
 
+def _split(attention, **kwargs):
+    """An implementation taking q, k and v as one (B, nW, N, 3, heads, d) array."""
+    def run(qkv, bias, mask, scale):
+        return attention(qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :], bias, mask,
+                         scale, **kwargs)
+    return run
+
+
 IMPLS = {
-    'xla': swin.window_attention_xla,
-    'cudnn': swin.window_attention_fused,
-    'cudnn64': functools.partial(swin.window_attention_fused, tokens=64),
-    'fused-xla': functools.partial(swin.window_attention_fused, implementation='xla'),
+    'xla': _split(swin.window_attention_xla),
+    'cudnn': _split(swin.window_attention_fused),
+    'cudnn64': _split(swin.window_attention_fused, tokens=64),
+    'fused-xla': _split(swin.window_attention_fused, implementation='xla'),
+    'pallas': swin.window_attention_pallas,
+    'pallas-interpret': functools.partial(swin.window_attention_pallas, interpret=True),
 }
 
 
 def loss_and_grads(impl, mask, scale):
-    def loss(q, k, v, bias, cotangent):
-        out = impl(q, k, v, bias, mask, scale)
+    """Forward and backward from the qkv projection's output to the output projection's
+    input, as in the model; gradients for qkv and the bias."""
+    def loss(qkv, bias, cotangent):
+        out = impl(qkv, bias, mask, scale)
         return (out.astype(jnp.float32) * cotangent).sum(), out
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
 def relative_error(x, reference) -> float:
@@ -64,7 +77,7 @@ def main():
     parser.add_argument('--variant', default='base')
     parser.add_argument('--batch', type=int, default=128)
     parser.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
-    parser.add_argument('--impls', nargs='+', default=['xla', 'cudnn', 'cudnn64'],
+    parser.add_argument('--impls', nargs='+', default=['xla', 'pallas', 'cudnn'],
                         choices=sorted(IMPLS))
     parser.add_argument('--min-seconds', type=float, default=1.0)
     parser.add_argument('--json', help='also write the rows to this JSON file')
@@ -88,19 +101,20 @@ def main():
             mask = (jnp.asarray(swin.shifted_window_mask(side, side, swin.WINDOW, swin.WINDOW // 2))
                     if shifted else None)
             shape = (args.batch, nw, swin.WINDOW ** 2, heads, d)
-            q, k, v, g = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+            qkv = jnp.asarray(rng.standard_normal(shape[:3] + (3,) + shape[3:]), jnp.float32)
+            g = jnp.asarray(rng.standard_normal(shape), jnp.float32)
             bias = jnp.asarray(0.02 * rng.standard_normal((heads, 49, 49)), jnp.float32)
             scale = d ** -0.5
-            (_, ref_out), ref_grads = loss_and_grads(IMPLS['xla'], mask, scale)(q, k, v, bias, g)
-            qc, kc, vc = (x.astype(dtype) for x in (q, k, v))
+            (_, ref_out), ref_grads = loss_and_grads(IMPLS['xla'], mask, scale)(qkv, bias, g)
+            qkv_c = qkv.astype(dtype)
             row = dict(stage=stage, shifted=shifted, blocks=count, shape=list(shape))
             for impl in args.impls:
                 fn = loss_and_grads(IMPLS[impl], mask, scale)
                 try:
-                    (_, out), grads = fn(qc, kc, vc, bias, g)
-                    seconds = median_seconds(lambda: fn(qc, kc, vc, bias, g), args.min_seconds)
+                    (_, out), grads = fn(qkv_c, bias, g)
+                    seconds = median_seconds(lambda: fn(qkv_c, bias, g), args.min_seconds)
                 except Exception as e:  # noqa: BLE001 - report and go on to the next case
-                    row[impl] = dict(error=f'{type(e).__name__}: {str(e)[:300]}')
+                    row[impl] = dict(error=f'{type(e).__name__}: {str(e)[:2000]}')
                     print(f'stage {stage} shifted={shifted} {impl}: {row[impl]["error"]}', flush=True)
                     totals[impl] = float('nan')
                     continue
@@ -109,7 +123,7 @@ def main():
                 row[impl] = dict(ms=1e3 * seconds, errors=errors)
                 totals[impl] += count * seconds
                 print(f'stage {stage} shifted={shifted!s:5} x{count:2} {impl:>9}: '
-                      f'{1e3 * seconds:7.3f} ms; relative error out/dq/dk/dv/dbias '
+                      f'{1e3 * seconds:7.3f} ms; relative error out/dqkv/dbias '
                       + ' '.join(f'{e:.1e}' for e in errors), flush=True)
             rows.append(row)
     print('per train step (all blocks): '

@@ -127,7 +127,7 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
     return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
 
 
-ATTENTION_IMPLS = ('xla', 'cudnn')
+ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas')
 
 
 def window_attention_xla(q, k, v, bias, mask, scale):
@@ -151,6 +151,8 @@ def window_attention_xla(q, k, v, bias, mask, scale):
 # What runs `window_attention_fused` in the model; tests set 'xla' to run the fused
 # layout on a CPU.
 FUSED_IMPLEMENTATION = 'cudnn'
+# Whether the model runs the Pallas kernels in interpret mode (tests, on a CPU).
+PALLAS_INTERPRET = False
 
 # What a padded key gets added to its logits: exp() of it is 0 in fp32, and it is finite
 # in bf16, the dtype cuDNN takes the bias in.
@@ -193,11 +195,30 @@ def window_attention_fused(q, k, v, bias, mask, scale, implementation='cudnn',
     return out.reshape(b, n, nw, h, d).transpose(0, 2, 1, 3, 4)
 
 
+def window_attention_pallas(qkv, bias, mask, scale, interpret=False):
+    """The same attention as one Pallas kernel per direction (`window_attention_pallas.py`).
+
+    qkv: (B, nW, N, 3, heads, d), the qkv projection as it comes; bias and mask as in
+    `window_attention_xla`. Returns (B, nW, N, heads, d).
+    """
+    from smartiqa_jax.models import window_attention_pallas as kernel
+    b, nw, n, _, h, d = qkv.shape
+    pad = kernel.TILE - n
+    qkv = jnp.pad(qkv.reshape(b * nw, n, 3 * h, d), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    bias = jnp.pad(jnp.pad(bias, ((0, 0), (0, pad), (0, 0))), ((0, 0), (0, 0), (0, pad)),
+                   constant_values=_PAD_LOGIT)
+    if mask is not None:
+        mask = jnp.pad(jnp.asarray(mask, jnp.float32), ((0, 0), (0, pad), (0, pad)))
+    out = kernel.window_attention(qkv, bias, mask, scale, interpret)
+    return out[:, :n].reshape(b, nw, n, h, d)
+
+
 class WindowAttention(nnx.Module):
     """Multi-head self-attention inside 7x7 windows with a learned relative position bias.
 
-    attention: 'xla' (the default: einsums and a softmax that XLA fuses) or 'cudnn'
-      (`window_attention_fused`: cuDNN's fused flash attention; CUDA GPUs, bf16 only).
+    attention: 'xla' (the default: einsums and a softmax that XLA fuses), 'cudnn'
+      (`window_attention_fused`: cuDNN's fused flash attention; CUDA GPUs, bf16 only) or
+      'pallas' (`window_attention_pallas`: one Triton kernel per direction; GPUs).
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, dtype=None,
@@ -219,14 +240,17 @@ class WindowAttention(nnx.Module):
         heads = self.num_heads
         compute = self.qkv.dtype or x.dtype
         qkv = self.qkv(x).astype(compute).reshape(b, nw, n, 3, heads, c // heads)
-        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         index = relative_position_index(WINDOW)
         bias = self.relative_position_bias_table[...][index.reshape(-1)]
         bias = bias.reshape(n, n, heads).transpose(2, 0, 1)
-        if self.attention == 'cudnn':
-            out = window_attention_fused(q, k, v, bias, mask, self.scale, FUSED_IMPLEMENTATION)
+        if self.attention == 'pallas':
+            out = window_attention_pallas(qkv, bias, mask, self.scale, PALLAS_INTERPRET)
         else:
-            out = window_attention_xla(q, k, v, bias, mask, self.scale)
+            q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+            if self.attention == 'cudnn':
+                out = window_attention_fused(q, k, v, bias, mask, self.scale, FUSED_IMPLEMENTATION)
+            else:
+                out = window_attention_xla(q, k, v, bias, mask, self.scale)
         return self.proj(out.reshape(b, nw, n, c))
 
 
