@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Init of the backbone's Linears when it trains from scratch: 'timm'
     # (trunc-normal 0.02, as released) or 'fan_in' (std 1/sqrt(fan_in); narrow Swins).
     config.model.backbone_init = 'timm'
+    # How Swin's window attention is computed (same parameters and results): 'xla'
+    # (any device), 'pallas' (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused
+    # attention; GPUs, bfloat16). See the README's GPU section for what each gains.
+    config.model.attention = 'xla'
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = 'koniq10k'

@@ -127,9 +127,12 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, min_seconds: float = 3.0) -> f
 
 
 def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None,
-                attention: str = 'xla'):
-    model = SmartIQA(ModelConfig(variant, fusion, dtype=dtype, attention=attention),
-                     rngs=nnx.Rngs(0))
+                attention: str = 'xla', abstract: bool = False):
+    """(model, state, jitted forward); `abstract`: shapes only, for lowering."""
+    def build():
+        return SmartIQA(ModelConfig(variant, fusion, dtype=dtype, attention=attention),
+                        rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(build) if abstract else build()
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -144,7 +147,7 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
                   attention: str = 'xla') -> None:
     model, state, forward = jax_forward(variant, fusion, dtype, micro_batch, attention)
     # FLOPs are counted on the plain program: no lax.map, no fused-attention custom call.
-    plain = (jax_forward(variant, fusion, dtype, None)[2]
+    plain = (jax_forward(variant, fusion, dtype, None, abstract=True)[2]
              if micro_batch or attention != 'xla' else forward)
     side = reference = None
     if torch_too:
@@ -195,9 +198,28 @@ def train_step_setup(variant: str, fusion: str, dtype: str, attention: str = 'xl
     state = sharding.replicate(train_state.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
         rng=jax.random.PRNGKey(0)), mesh)
-    step = train_state.make_train_step(train_graphdef, tx, losses.get_loss('l1'), mesh,
-                                       jax.tree.map(lambda x: x.sharding, state))
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = train_state.make_train_step(train_graphdef, tx, losses.get_loss('l1'), mesh, shardings)
     return config, mesh, train_graphdef, params, state, step
+
+
+def plain_train_step(variant: str, fusion: str, dtype: str, state, mesh):
+    """The same train step with XLA's window attention, for counting FLOPs (XLA does not
+    count a fused kernel's); only its graph is built, the state is the benchmark's."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import base
+
+    from smartiqa_jax import losses, optim, train_state
+    config = base.get_config()
+    abstract = nnx.eval_shape(lambda: SmartIQA(ModelConfig(variant, fusion, dtype=dtype),
+                                               rngs=nnx.Rngs(0)))
+    abstract.train()
+    graphdef, _ = nnx.split(abstract, nnx.Param)
+    tx = optim.make_optimizer(config.optim, optim.make_schedules(
+        config.optim, steps_per_epoch=100, num_epochs=config.train.num_epochs))
+    return train_state.make_train_step(graphdef, tx, losses.get_loss('l1'), mesh,
+                                       jax.tree.map(lambda x: x.sharding, state))
 
 
 def train_batch(batch: int, mesh):
@@ -239,8 +261,8 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
     (L1 loss, SPEC 2)."""
     config, mesh, train_graphdef, params, state, step = train_step_setup(variant, fusion, dtype,
                                                                          attention)
-    # FLOPs are counted on the plain program (XLA does not count a fused-attention call).
-    plain = train_step_setup(variant, fusion, dtype) if attention != 'xla' else None
+    flop_step = (step if attention == 'xla'
+                 else plain_train_step(variant, fusion, dtype, state, mesh))
     torch_step = None
     if torch_too:
         side = Torch(dtype)
@@ -266,7 +288,7 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
         images, scores, data = train_batch(batch, mesh)
         # Forward, backward and AdamW as XLA counts them (the step's whole program).
         lowered = step.lower(state, data)
-        flops = program_flops(lowered if plain is None else plain[-1].lower(plain[-2], data))
+        flops = program_flops(lowered if flop_step is step else flop_step.lower(state, data))
         t = time.perf_counter()
         compiled = lowered.compile()
         print(f'  compiled the train step for batch {batch} in {time.perf_counter() - t:.0f} s',
@@ -312,7 +334,7 @@ def main():
     parser.add_argument('--batches', nargs='+', type=int, default=[8, 32])
     parser.add_argument('--fusion', default='attention')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-    parser.add_argument('--attention', default='xla', choices=['xla', 'cudnn'],
+    parser.add_argument('--attention', default='xla', choices=['xla', 'cudnn', 'pallas'],
                         help="Swin window attention: XLA's, or cuDNN's fused kernel (GPU, bf16)")
     parser.add_argument('--micro-batch', type=int, default=0,
                         help='JAX: run the high-resolution stages this many images at a time '

@@ -18,6 +18,7 @@ through XLA and the Pallas kernels in interpret mode, to check them on any machi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from smartiqa_jax.models import swin
+from smartiqa_jax.models import window_attention_pallas as kernels
 from smartiqa_jax.models.variants import get_variant
 
 def _split(attention, **kwargs):
@@ -56,6 +58,24 @@ def loss_and_grads(impl, mask, scale):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
 
 
+@contextlib.contextmanager
+def implementation(impl: str):
+    """Yields IMPLS[impl]; for 'pallas:wN' / 'pallas:warpsN', the Pallas kernels with at
+    most N windows per program / N warps. Those settings are read when a call is traced,
+    forward and backward, so trace (call once) inside the `with`."""
+    if ':' not in impl:
+        yield IMPLS[impl]
+        return
+    setting = impl.split(':')[1]
+    name = 'NUM_WARPS' if setting.startswith('warps') else 'MAX_WINDOWS_PER_PROGRAM'
+    saved = getattr(kernels, name)
+    setattr(kernels, name, int(setting.removeprefix('warps').removeprefix('w')))
+    try:
+        yield IMPLS['pallas' if jax.default_backend() == 'gpu' else 'pallas-interpret']
+    finally:
+        setattr(kernels, name, saved)
+
+
 def relative_error(x, reference) -> float:
     x, reference = np.asarray(x, np.float32), np.asarray(reference, np.float32)
     return float(np.abs(x - reference).max() / max(np.abs(reference).max(), 1e-30))
@@ -80,14 +100,23 @@ def main():
     parser.add_argument('--impls', nargs='+', default=['xla', 'pallas', 'cudnn'],
                         choices=sorted(IMPLS))
     parser.add_argument('--min-seconds', type=float, default=1.0)
+    parser.add_argument('--pallas-windows', nargs='+', type=int, default=[],
+                        help='also time pallas with at most these windows per program')
+    parser.add_argument('--pallas-warps', nargs='+', type=int, default=[],
+                        help='also time pallas with these warps per program')
     parser.add_argument('--json', help='also write the rows to this JSON file')
     args = parser.parse_args()
 
+    impls = list(args.impls)
+    for windows in args.pallas_windows:
+        impls.append(f'pallas:w{windows}')
+    for warps in args.pallas_warps:
+        impls.append(f'pallas:warps{warps}')
     variant = get_variant(args.variant)
     dtype = jnp.dtype(args.dtype)
     print(f'{jax.devices()[0].device_kind}; jax {jax.__version__}; {args.variant}, '
           f'batch {args.batch}, {args.dtype}', flush=True)
-    rows, totals = [], {impl: 0.0 for impl in args.impls}
+    rows, totals = [], {impl: 0.0 for impl in impls}
     rng = np.random.default_rng(0)
     for stage in range(4):
         side = 56 >> stage
@@ -108,10 +137,11 @@ def main():
             (_, ref_out), ref_grads = loss_and_grads(IMPLS['xla'], mask, scale)(qkv, bias, g)
             qkv_c = qkv.astype(dtype)
             row = dict(stage=stage, shifted=shifted, blocks=count, shape=list(shape))
-            for impl in args.impls:
-                fn = loss_and_grads(IMPLS[impl], mask, scale)
+            for impl in impls:
                 try:
-                    (_, out), grads = fn(qkv_c, bias, g)
+                    with implementation(impl) as attention:
+                        fn = loss_and_grads(attention, mask, scale)
+                        (_, out), grads = fn(qkv_c, bias, g)
                     seconds = median_seconds(lambda: fn(qkv_c, bias, g), args.min_seconds)
                 except Exception as e:  # noqa: BLE001 - report and go on to the next case
                     row[impl] = dict(error=f'{type(e).__name__}: {str(e)[:2000]}')

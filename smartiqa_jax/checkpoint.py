@@ -123,11 +123,15 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
     """Loads a ready model (eval mode) from a checkpoint directory or a training workdir.
 
     `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.
+    The window attention implementation the checkpoint was trained with is not kept:
+    the model computes it with 'xla', which runs anywhere, unless `attention=` is given
+    ('pallas' or 'cudnn' on a GPU).
     """
     directory = find_checkpoint(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
             MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+        config_dict = {**config_dict, 'attention': 'xla'}
         config = ModelConfig.from_dict({**config_dict, **config_overrides})
         # Shapes only: every value is about to be overwritten by the checkpoint's.
         model = nnx.eval_shape(lambda: SmartIQA(config, rngs=nnx.Rngs(0)))

@@ -227,7 +227,7 @@ def model_config_from(config: ml_collections.ConfigDict):
         dropout=None if m.dropout < 0 else m.dropout,
         drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
         label_name=config.data.label_name, label_range=tuple(config.data.label_range),
-        dtype=config.train.compute_dtype)
+        dtype=config.train.compute_dtype, attention=m.attention)
 
 
 def score_scale_of(config, labels: Sequence[float]) -> float:

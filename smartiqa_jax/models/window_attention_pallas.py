@@ -26,10 +26,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 TILE = 64  # tokens per window after padding
+# Launch settings, read when a call is traced (scripts/benchmark_attention.py sweeps them):
+# at most this many windows per program, and warps per program.
+MAX_WINDOWS_PER_PROGRAM = 16
+NUM_WARPS = 4
 
 
-def windows_per_program(num_windows: int, limit: int = 16) -> int:
-    """The largest power of two up to `limit` that divides the number of windows."""
+def windows_per_program(num_windows: int, limit: int | None = None) -> int:
+    """The largest power of two up to `limit` (MAX_WINDOWS_PER_PROGRAM) that divides
+    the number of windows."""
+    limit = limit or MAX_WINDOWS_PER_PROGRAM
     g = 1
     while g < limit and num_windows % (2 * g) == 0:
         g *= 2
@@ -104,7 +110,7 @@ def _call(kernel, qkv, bias, mask, scale, interpret, extra_in, out_shape, out_sp
             functools.partial(kernel, scale=scale, group=group, has_mask=mask is not None),
             grid=(windows // group, heads), in_specs=in_specs,
             out_specs=out_specs(group), out_shape=out_shape(group),
-            compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+            compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
             interpret=interpret, name=kernel.__name__.strip('_')),
         *args)
 

@@ -1,0 +1,112 @@
+"""The window attention implementations compute what the plain XLA one computes.
+
+The fused ones run on a CPU here: the cuDNN layout through `jax.nn.dot_product_attention`
+with implementation='xla', the Pallas kernels in interpret mode. What is checked is
+everything of ours around and inside the kernels: padding, layouts, the shift mask per
+window, grouping windows per program, and the gradients (the bias table's included).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from smartiqa_jax import checkpoint
+from smartiqa_jax.models import swin
+from smartiqa_jax.models import window_attention_pallas as kernels
+from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+
+
+def fused_on_cpu(q, k, v, bias, mask, scale):
+    return swin.window_attention_fused(q, k, v, bias, mask, scale, implementation='xla')
+
+
+def pallas_interpreted(q, k, v, bias, mask, scale):
+    return swin.window_attention_pallas(jnp.stack([q, k, v], axis=3), bias, mask, scale,
+                                        interpret=True)
+
+
+@pytest.mark.parametrize('implementation', [fused_on_cpu, pallas_interpreted])
+@pytest.mark.parametrize('batch,side,shift', [(3, 14, False), (3, 14, True), (2, 21, True),
+                                              (5, 7, False)])
+def test_attention_matches_xla_with_gradients(implementation, batch, side, shift):
+    heads, d = 3, 16
+    windows = (side // swin.WINDOW) ** 2
+    rng = np.random.default_rng(side + shift)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, windows, 49, heads, d)), jnp.float32)
+               for _ in range(3))
+    bias = jnp.asarray(rng.standard_normal((heads, 49, 49)), jnp.float32)
+    mask = jnp.asarray(swin.shifted_window_mask(side, side, swin.WINDOW, 3)) if shift else None
+    cotangent = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+
+    def loss(attention):
+        return lambda *args: (attention(*args, mask, d ** -0.5) * cotangent).sum()
+
+    expected = swin.window_attention_xla(q, k, v, bias, mask, d ** -0.5)
+    np.testing.assert_allclose(implementation(q, k, v, bias, mask, d ** -0.5), expected,
+                               atol=1e-5, rtol=1e-5)
+    want = jax.grad(loss(swin.window_attention_xla), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    got = jax.grad(loss(implementation), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    for name, a, b in zip(('dq', 'dk', 'dv', 'dbias'), got, want):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-5, err_msg=name)
+    # The shift mask matters here: without it the answer would differ.
+    if shift:
+        unmasked = swin.window_attention_xla(q, k, v, bias, None, d ** -0.5)
+        assert float(jnp.abs(unmasked - expected).max()) > 0.1
+
+
+def test_windows_per_program():
+    assert [kernels.windows_per_program(n) for n in (1, 3, 12, 64, 8192, 96)] == [1, 1, 4, 16, 16, 16]
+
+
+@pytest.mark.parametrize('attention', ['pallas', 'cudnn'])
+def test_model_with_fused_attention_matches_xla(monkeypatch, attention):
+    monkeypatch.setattr(swin, 'PALLAS_INTERPRET', True)
+    monkeypatch.setattr(swin, 'FUSED_IMPLEMENTATION', 'xla')
+    dtype = 'bfloat16' if attention == 'cudnn' else 'float32'
+    crops = jnp.asarray(np.random.default_rng(0).standard_normal((2, 224, 224, 3)), jnp.float32)
+    reference = SmartIQA(ModelConfig('nano', dtype=dtype), rngs=nnx.Rngs(0))
+    fused = SmartIQA(ModelConfig('nano', dtype=dtype, attention=attention), rngs=nnx.Rngs(0))
+    # Same parameters: the implementation is not part of the model's state.
+    assert jax.tree.structure(nnx.state(fused)) == jax.tree.structure(nnx.state(reference))
+    nnx.update(fused, nnx.state(reference))
+    want, got = reference.predict(crops), fused.predict(crops)
+    # bf16 (cuDNN's case) adds its bias in bf16, the plain path in fp32.
+    tolerance = 1e-4 if dtype == 'float32' else 2e-2
+    np.testing.assert_allclose(got['score'], want['score'], atol=tolerance * 100, rtol=tolerance)
+    np.testing.assert_allclose(got['stage_weights'], want['stage_weights'], atol=tolerance)
+
+
+def test_config_validation_and_load_falls_back_to_xla(tmp_path):
+    with pytest.raises(ValueError, match="unknown attention 'flash'"):
+        ModelConfig('nano', attention='flash')
+    with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
+        ModelConfig('nano', attention='cudnn')
+    model = SmartIQA(ModelConfig('nano', attention='pallas'), rngs=nnx.Rngs(0))
+    path = checkpoint.save_model(tmp_path / 'ckpt', model)
+    assert checkpoint.load(path).config.attention == 'xla'
+    assert checkpoint.load(path, attention='pallas').config.attention == 'pallas'
+
+
+def test_attention_benchmark_script_runs_and_checks_errors(tmp_path, monkeypatch):
+    """scripts/benchmark_attention.py on a CPU: every case of nano, the fused paths and
+    a Pallas settings sweep, each with fp32 errors at rounding level."""
+    from tests.test_analysis_scripts import _script
+    out = tmp_path / 'attention.json'
+    monkeypatch.setattr('sys.argv', [
+        'benchmark_attention.py', '--variant', 'nano', '--batch', '1', '--dtype', 'float32',
+        '--impls', 'xla', 'fused-xla', 'pallas-interpret', '--pallas-windows', '4',
+        '--pallas-warps', '8', '--min-seconds', '0', '--json', str(out)])
+    _script('benchmark_attention').main()
+    report = json.loads(out.read_text())
+    impls = ['xla', 'fused-xla', 'pallas-interpret', 'pallas:w4', 'pallas:warps8']
+    # nano's depths are 1, 1, 2, 1: a shifted block only in stage 2; stage 3 is one window.
+    assert [(r['stage'], r['shifted']) for r in report['rows']] == [
+        (0, False), (1, False), (2, False), (2, True), (3, False)]
+    for row in report['rows']:
+        for impl in impls:
+            assert len(row[impl]['errors']) == 3 and max(row[impl]['errors']) < 1e-5, (row, impl)
+    assert set(report['total_ms']) == set(impls)
