@@ -220,8 +220,13 @@ def _local_rows(array: jax.Array) -> np.ndarray:
 
 def model_config_from(config: ml_collections.ConfigDict):
     """The SmartIQA ModelConfig of a run config (negative rates: released defaults)."""
+    from smartiqa_jax.models import swin
     from smartiqa_jax.models.smartiqa import ModelConfig
     m = config.model
+    try:
+        swin.check_attention_backend(m.attention)
+    except ValueError as e:
+        raise ValueError(f'config.model.attention: {e}') from None
     return ModelConfig(
         variant=m.variant, fusion=m.fusion,
         dropout=None if m.dropout < 0 else m.dropout,

@@ -218,6 +218,11 @@ def test_configs_select_ablations_by_key():
     for fusion in ('backbone', 'multiscale'):
         config.model.fusion = fusion
         assert train.model_config_from(config).fusion == fusion
+    # The attention kernel is a key too; a GPU-only one on this CPU fails before any data.
+    config.model.attention = 'pallas'
+    with pytest.raises(ValueError, match="config.model.attention: attention='pallas' runs on GPUs"):
+        train.model_config_from(config)
+    config.model.attention = 'xla'
     for name in losses.LOSSES:
         config.train.loss = name
         losses.get_loss(config.train.loss, **config.train.loss_params.to_dict())

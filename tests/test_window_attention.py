@@ -86,6 +86,9 @@ def test_config_validation_and_load_falls_back_to_xla(tmp_path):
     with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
         ModelConfig('nano', attention='cudnn')
     model = SmartIQA(ModelConfig('nano', attention='pallas'), rngs=nnx.Rngs(0))
+    # Not on a CPU: a clear error, not a Triton lowering failure.
+    with pytest.raises(ValueError, match="attention='pallas' runs on GPUs .*'cpu'"):
+        model.predict(jnp.zeros((1, 224, 224, 3)))
     path = checkpoint.save_model(tmp_path / 'ckpt', model)
     assert checkpoint.load(path).config.attention == 'xla'
     assert checkpoint.load(path, attention='pallas').config.attention == 'pallas'

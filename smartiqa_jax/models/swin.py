@@ -154,6 +154,18 @@ FUSED_IMPLEMENTATION = 'cudnn'
 # Whether the model runs the Pallas kernels in interpret mode (tests, on a CPU).
 PALLAS_INTERPRET = False
 
+def check_attention_backend(attention: str) -> None:
+    """Raises ValueError if window attention `attention` cannot run on JAX's backend."""
+    backend = jax.default_backend()
+    if (attention == 'xla' or backend == 'gpu'
+            or (attention == 'pallas' and PALLAS_INTERPRET)
+            or (attention == 'cudnn' and FUSED_IMPLEMENTATION != 'cudnn')):
+        return
+    kernel = 'Triton kernels' if attention == 'pallas' else 'cuDNN'
+    raise ValueError(f"attention={attention!r} runs on GPUs ({kernel}); JAX's backend here is "
+                     f"{backend!r}. Use attention='xla': same parameters, same results.")
+
+
 # What a padded key gets added to its logits: exp() of it is 0 in fp32, and it is finite
 # in bf16, the dtype cuDNN takes the bias in.
 _PAD_LOGIT = -30000.0
@@ -236,6 +248,7 @@ class WindowAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
         """x: (B, num_windows, N, C) -> same shape; mask: (num_windows, N, N) or None."""
+        check_attention_backend(self.attention)
         b, nw, n, c = x.shape
         heads = self.num_heads
         compute = self.qkv.dtype or x.dtype
