@@ -52,6 +52,11 @@ Why these settings:
   0.71, test 0.65, final training loss 0.10 against 0.21; the model then
   ranks JPEG on its training photos at 0.53 instead of 0.27. Within the
   noise, and scoring would have to align its crops too.
+- Not used: an exponential moving average of the parameters (decay 0.995
+  with a (1+t)/(10+t) warm-up, validated and tested instead of the raw
+  parameters; tried in session 5): best val 0.62 at epoch 6, test 0.62.
+  Validation is smoother but still falls after epoch 6 (0.53 to 0.42): the
+  model starts fitting the 8 training photos, with or without averaging.
 - Not used either: more training content from procedural "dead leaves" images
   (tried on version 1 of the dataset, 3 epochs: validation 0.36 / test 0.31,
   as without them; with fan_in 0.19 / 0.21), and Adam's b2=0.99 (600 steps:
