@@ -154,6 +154,7 @@ FUSED_IMPLEMENTATION = 'cudnn'
 # Whether the model runs the Pallas kernels in interpret mode (tests, on a CPU).
 PALLAS_INTERPRET = False
 
+
 def check_attention_backend(attention: str) -> None:
     """Raises ValueError if window attention `attention` cannot run on JAX's backend."""
     backend = jax.default_backend()
@@ -367,7 +368,8 @@ class SwinTransformer(nnx.Module):
       img_size: input side; every stage must tile into 7x7 windows (224 does).
       dtype: compute dtype (None: follow the input; jnp.bfloat16 for mixed precision).
         Parameters stay fp32.
-      attention: window attention implementation, 'xla' or 'cudnn' (see WindowAttention).
+      attention: window attention implementation, 'xla', 'pallas' or 'cudnn' (see
+        WindowAttention).
     """
 
     def __init__(self, variant: Variant, *, drop_path_rate: float = 0.0, img_size: int = 224,

@@ -85,46 +85,46 @@ def _backward_kernel(q_ref, k_ref, v_ref, bias_ref, *refs, scale, group, has_mas
     dbias_ref[...] = jax.lax.fori_loop(0, group, body, jnp.zeros((TILE, TILE), jnp.float32))
 
 
-def _specs(qkv, heads, group):
-    d = qkv.shape[-1]
-    block = (group, TILE, None, d)
-    return [pl.BlockSpec(block, lambda i, j, o=offset: (i, 0, o + j, 0))
-            for offset in (0, heads, 2 * heads)]
+def _launch(kernel, qkv, bias, mask, scale, interpret, *, inputs, outputs: int,
+            bias_gradient: bool = False):
+    """Runs `kernel` over a (window groups, heads) grid; returns its outputs as a list.
 
-
-def _bias_specs(bias, mask):
-    specs = [pl.BlockSpec((None, TILE, TILE), lambda i, j: (j, 0, 0))]
-    if mask is not None:  # the whole (num_windows_per_image, 64, 64) mask, indexed in the kernel
-        specs.append(pl.BlockSpec(mask.shape, lambda i, j: (0, 0, 0)))
-    return specs
-
-
-def _call(kernel, qkv, bias, mask, scale, interpret, extra_in, out_shape, out_specs):
-    windows, _, _, _ = qkv.shape
-    heads = bias.shape[0]
+    Its inputs are q, k, v (column blocks of `qkv`), the head's bias, the mask if any,
+    then `inputs` (arrays shaped like the output, (windows, 64, heads, d)); its outputs
+    are `outputs` such arrays, then with `bias_gradient` the bias gradient summed over
+    each program's windows, (programs along windows, heads, 64, 64) fp32.
+    """
+    windows, tokens, three_heads, d = qkv.shape
+    heads = three_heads // 3
     group = windows_per_program(windows)
-    in_specs = _specs(qkv, heads, group) + _bias_specs(bias, mask) + extra_in(group)
-    args = (qkv, qkv, qkv, bias) + ((mask,) if mask is not None else ())
-    return functools.partial(
-        pl.pallas_call(
-            functools.partial(kernel, scale=scale, group=group, has_mask=mask is not None),
-            grid=(windows // group, heads), in_specs=in_specs,
-            out_specs=out_specs(group), out_shape=out_shape(group),
-            compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
-            interpret=interpret, name=kernel.__name__.strip('_')),
-        *args)
+
+    def head_block(offset=0):   # G windows x 64 tokens x d of head `offset + j`
+        return pl.BlockSpec((group, TILE, None, d), lambda i, j: (i, 0, offset + j, 0))
+
+    in_specs = [head_block(0), head_block(heads), head_block(2 * heads),
+                pl.BlockSpec((None, TILE, TILE), lambda i, j: (j, 0, 0))]
+    args = [qkv, qkv, qkv, bias]
+    if mask is not None:   # the whole (windows per image, 64, 64) mask, indexed in the kernel
+        in_specs.append(pl.BlockSpec(mask.shape, lambda i, j: (0, 0, 0)))
+        args.append(mask)
+    in_specs += [head_block() for _ in inputs]
+    per_head = jax.ShapeDtypeStruct((windows, tokens, heads, d), qkv.dtype)
+    out_specs, out_shape = [head_block()] * outputs, [per_head] * outputs
+    if bias_gradient:
+        out_specs.append(pl.BlockSpec((None, None, TILE, TILE), lambda i, j: (i, j, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((windows // group, heads, TILE, TILE),
+                                              jnp.float32))
+    return pl.pallas_call(
+        functools.partial(kernel, scale=scale, group=group, has_mask=mask is not None),
+        grid=(windows // group, heads), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, interpret=interpret, name=kernel.__name__.strip('_'),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
+    )(*args, *inputs)
 
 
 def _forward(qkv, bias, mask, scale, interpret):
-    windows, tokens, three_heads, d = qkv.shape
-    heads = three_heads // 3
-    out = jax.ShapeDtypeStruct((windows, tokens, heads, d), qkv.dtype)
-    call = _call(_forward_kernel, qkv, bias, mask, scale, interpret,
-                 extra_in=lambda group: [],
-                 out_shape=lambda group: out,
-                 out_specs=lambda group: pl.BlockSpec((group, TILE, None, d),
-                                                      lambda i, j: (i, 0, j, 0)))
-    return call()
+    (out,) = _launch(_forward_kernel, qkv, bias, mask, scale, interpret, inputs=(), outputs=1)
+    return out
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -145,19 +145,8 @@ def _window_attention_fwd(qkv, bias, mask, scale, interpret):
 
 def _window_attention_bwd(scale, interpret, residuals, do):
     qkv, bias, mask = residuals
-    windows, tokens, three_heads, d = qkv.shape
-    heads = three_heads // 3
-    grad = jax.ShapeDtypeStruct((windows, tokens, heads, d), qkv.dtype)
-    grad_spec = lambda group: pl.BlockSpec((group, TILE, None, d), lambda i, j: (i, 0, j, 0))
-    call = _call(
-        _backward_kernel, qkv, bias, mask, scale, interpret,
-        extra_in=lambda group: [grad_spec(group)],
-        out_shape=lambda group: (grad, grad, grad, jax.ShapeDtypeStruct(
-            (windows // group, heads, TILE, TILE), jnp.float32)),
-        out_specs=lambda group: (grad_spec(group), grad_spec(group), grad_spec(group),
-                                 pl.BlockSpec((None, None, TILE, TILE),
-                                              lambda i, j: (i, j, 0, 0))))
-    dq, dk, dv, dbias = call(do.astype(qkv.dtype))
+    dq, dk, dv, dbias = _launch(_backward_kernel, qkv, bias, mask, scale, interpret,
+                                inputs=(do.astype(qkv.dtype),), outputs=3, bias_gradient=True)
     dqkv = jnp.concatenate([dq, dk, dv], axis=2)
     dmask = None if mask is None else jnp.zeros_like(mask)
     return dqkv, dbias.sum(axis=0), dmask
