@@ -179,47 +179,49 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
         report(row)
 
 
-def train_step_setup(variant: str, fusion: str, dtype: str, attention: str = 'xla'):
-    """The trainer's jitted step (forward, backward, clipping, AdamW in two groups; state
-    donated) for `base.py`'s optimiser, with its state. Returns (config, mesh, graphdef,
-    params, state, step)."""
+def _base_recipe():
+    """`base.py`'s config and its optimiser (AdamW in two groups, clipping)."""
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from configs import base
 
-    from smartiqa_jax import losses, optim, sharding, train_state
+    from smartiqa_jax import optim
     config = base.get_config()
+    tx = optim.make_optimizer(config.optim, optim.make_schedules(
+        config.optim, steps_per_epoch=100, num_epochs=config.train.num_epochs))
+    return config, tx
+
+
+def _jitted_step(train_graphdef, tx, mesh, state):
+    from smartiqa_jax import losses, train_state
+    return train_state.make_train_step(train_graphdef, tx, losses.get_loss('l1'), mesh,
+                                       jax.tree.map(lambda x: x.sharding, state))
+
+
+def train_step_setup(variant: str, fusion: str, dtype: str, attention: str = 'xla'):
+    """The trainer's jitted step (forward, backward, clipping, AdamW in two groups; state
+    donated) for `base.py`'s optimiser, with its state. Returns (config, mesh, graphdef,
+    params, state, step)."""
+    from smartiqa_jax import sharding, train_state
+    config, tx = _base_recipe()
     mesh = sharding.make_mesh()
     model_config = ModelConfig(variant, fusion, dtype=dtype, attention=attention)
     train_graphdef, _, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(0)), mesh)
-    tx = optim.make_optimizer(config.optim, optim.make_schedules(
-        config.optim, steps_per_epoch=100, num_epochs=config.train.num_epochs))
     state = sharding.replicate(train_state.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
         rng=jax.random.PRNGKey(0)), mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = train_state.make_train_step(train_graphdef, tx, losses.get_loss('l1'), mesh, shardings)
-    return config, mesh, train_graphdef, params, state, step
+    return config, mesh, train_graphdef, params, state, _jitted_step(train_graphdef, tx, mesh, state)
 
 
 def plain_train_step(variant: str, fusion: str, dtype: str, state, mesh):
     """The same train step with XLA's window attention, for counting FLOPs (XLA does not
     count a fused kernel's); only its graph is built, the state is the benchmark's."""
-    import sys
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import base
-
-    from smartiqa_jax import losses, optim, train_state
-    config = base.get_config()
     abstract = nnx.eval_shape(lambda: SmartIQA(ModelConfig(variant, fusion, dtype=dtype),
                                                rngs=nnx.Rngs(0)))
     abstract.train()
     graphdef, _ = nnx.split(abstract, nnx.Param)
-    tx = optim.make_optimizer(config.optim, optim.make_schedules(
-        config.optim, steps_per_epoch=100, num_epochs=config.train.num_epochs))
-    return train_state.make_train_step(graphdef, tx, losses.get_loss('l1'), mesh,
-                                       jax.tree.map(lambda x: x.sharding, state))
+    return _jitted_step(graphdef, _base_recipe()[1], mesh, state)
 
 
 def train_batch(batch: int, mesh):

@@ -1,4 +1,4 @@
-"""Swin window attention alone, forward + backward: XLA's against cuDNN's fused kernel.
+"""Swin window attention alone, forward + backward: XLA's, the Pallas kernels, cuDNN's.
 
   python scripts/benchmark_attention.py --variant base --batch 128                 # GPU
   python scripts/benchmark_attention.py --variant tiny --batch 8 --impls xla fused-xla  # CPU check
@@ -8,6 +8,7 @@ times one jitted forward + backward of the attention between the qkv projection 
 the output projection (gradients for qkv and the relative position bias), as the
 train step runs it, and checks each implementation against XLA in fp32: the largest
 error of the output and of each gradient, relative to the largest reference value.
+With --json the rows are written as they come (a run cut short keeps them).
 
 Implementations: 'xla' (the model's default), 'pallas' (`window_attention_pallas`, one
 Triton kernel per direction), 'cudnn' (`window_attention_fused`, the 49 tokens padded to
@@ -30,6 +31,7 @@ import numpy as np
 from smartiqa_jax.models import swin
 from smartiqa_jax.models import window_attention_pallas as kernels
 from smartiqa_jax.models.variants import get_variant
+
 
 def _split(attention, **kwargs):
     """An implementation taking q, k and v as one (B, nW, N, 3, heads, d) array."""
@@ -156,14 +158,18 @@ def main():
                       f'{1e3 * seconds:7.3f} ms; relative error out/dqkv/dbias '
                       + ' '.join(f'{e:.1e}' for e in errors), flush=True)
             rows.append(row)
+            if args.json:
+                write_json(args, rows, totals)
     print('per train step (all blocks): '
           + ', '.join(f'{impl} {1e3 * t:.1f} ms' for impl, t in totals.items()), flush=True)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump({'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
-                       'variant': args.variant, 'batch': args.batch, 'dtype': args.dtype,
-                       'rows': rows, 'total_ms': {k: 1e3 * v for k, v in totals.items()}},
-                      f, indent=1)
+
+
+def write_json(args, rows, totals):
+    with open(args.json, 'w') as f:
+        json.dump({'device': jax.devices()[0].device_kind, 'jax': jax.__version__,
+                   'variant': args.variant, 'batch': args.batch, 'dtype': args.dtype,
+                   'rows': rows, 'total_ms': {k: 1e3 * v for k, v in totals.items()}},
+                  f, indent=1)
 
 
 if __name__ == '__main__':
