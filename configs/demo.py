@@ -57,6 +57,8 @@ Why these settings:
   parameters; tried in session 5): best val 0.62 at epoch 6, test 0.62.
   Validation is smoother but still falls after epoch 6 (0.53 to 0.42): the
   model starts fitting the 8 training photos, with or without averaging.
+- Not used: dropout 0.1 with drop path 0.1 (session 5): best val 0.61 at
+  epoch 8, test 0.50.
 - Not used either: more training content from procedural "dead leaves" images
   (tried on version 1 of the dataset, 3 epochs: validation 0.36 / test 0.31,
   as without them; with fan_in 0.19 / 0.21), and Adam's b2=0.99 (600 steps:
