@@ -541,6 +541,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help='images per model call (x crops = crops per call); default 8')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                         help="compute dtype (default: the checkpoint's)")
+    parser.add_argument('--attention', choices=('xla', 'pallas', 'cudnn'), default='xla',
+                        help='window attention kernel: xla (default, any device), pallas '
+                             '(GPUs) or cudnn (GPUs, with --dtype bfloat16)')
     parser.add_argument('--workers', type=int, default=0,
                         help='image decoding threads (default min(4, CPUs))')
     parser.add_argument('--max-pixels', type=int, default=None,
@@ -573,6 +576,13 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     prep = Preprocessing(resize=resize, crops=crops, crop_mode=args.crop_mode, seed=args.seed,
                          max_pixels=args.max_pixels)
     overrides = {'dtype': args.dtype} if args.dtype else {}
+    if args.attention != 'xla':
+        from smartiqa_jax.models import swin
+        try:   # here, not per batch: every file would fail with the same error
+            swin.check_attention_backend(args.attention)
+        except ValueError as e:
+            raise UsageError(f'--attention: {e}') from None
+        overrides['attention'] = args.attention
     try:
         model = checkpoint.load(directory, **overrides)
     except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:

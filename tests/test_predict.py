@@ -106,8 +106,10 @@ def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, caps
     assert predict.main(['--checkpoint', ckpt, *good, '--crop-mode', 'center', '--crops', '3']) == 2
     assert predict.main(['--checkpoint', ckpt, *good, '--output', str(tmp_path / 'x.xlsx')]) == 2
     assert predict.main(['--checkpoint', ckpt, *good, '--bogus']) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--attention', 'pallas', *FAST]) == 2
     err = capsys.readouterr().err
     assert 'no input images found' in err and 'no_ckpt' in err and '512by384' in err
+    assert "--attention: attention='pallas' runs on GPUs" in err   # once, before any file
 
 
 def test_scores_do_not_depend_on_batch_neighbours_and_repeat(ckpt, folder, tmp_path):
