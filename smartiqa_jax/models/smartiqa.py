@@ -50,8 +50,9 @@ class ModelConfig:
       label_name: what the score means, e.g. 'koniq10k MOS_zscore'.
       label_range: (low, high) of the training labels; higher is better.
       dtype: compute dtype name ('float32' or 'bfloat16'); parameters are always fp32.
-      attention: Swin window attention implementation: 'xla' (any device) or 'cudnn'
-        (cuDNN's fused attention; a CUDA GPU and bfloat16). Same parameters either way.
+      attention: Swin window attention implementation: 'xla' (any device), 'pallas'
+        (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused attention; a CUDA GPU and
+        bfloat16). Same parameters whichever it is.
     """
 
     variant: str = 'tiny'
