@@ -59,6 +59,12 @@ Why these settings:
   model starts fitting the 8 training photos, with or without averaging.
 - Not used: dropout 0.1 with drop path 0.1 (session 5): best val 0.61 at
   epoch 8, test 0.50.
+- Not used: more training content: the training photos cut with windows
+  that overlap by half, up to 8 per photo (43 regions instead of 17, 1333
+  images; 2 crops per image and 8 epochs for the same 1333 steps; session 6):
+  best val 0.66 at the last epoch, test 0.59. Validation no longer falls at
+  the end, but it gets no higher: in ~1300 steps the model is limited by how
+  much it learns, not by how many photos it sees.
 - Not used either: more training content from procedural "dead leaves" images
   (tried on version 1 of the dataset, 3 epochs: validation 0.36 / test 0.31,
   as without them; with fan_in 0.19 / 0.21), and Adam's b2=0.99 (600 steps:

@@ -156,3 +156,27 @@ def test_profile_summary_puts_device_time_on_our_source_lines():
     summary = profile.device_time({'traceEvents': cpu}, sources, steps=1)
     assert not summary['on_device'] and summary['device_ms_per_step'] == pytest.approx(4.0)
     assert summary['by_source_line'] == [[where, 3.0], [where + ' [bwd]', 1.0]]
+
+
+def test_benchmark_states_what_twice_pytorch_asks_of_the_machine(tmp_path, monkeypatch):
+    """scripts/benchmark.py against the PyTorch reference on the CPU: both matmul peaks,
+    and per row the share of the better one that 2x PyTorch's images/s would need."""
+    bench = _script('benchmark')
+    bound = bench.goal_bound({'torch_images_per_s': 10.0, 'gflops_per_image': 20.0}, 400e9)
+    assert bound == pytest.approx({'torch_share_of_best_peak': 0.5,
+                                   'two_x_torch_share_of_best_peak': 1.0})
+    assert bench.goal_bound({'jax_images_per_s': 1.0, 'gflops_per_image': 20.0}, 400e9) == {}
+
+    out = tmp_path / 'bench.json'
+    monkeypatch.setattr('sys.argv', ['benchmark.py', '--variants', 'pico', '--batches', '2',
+                                     '--min-seconds', '0', '--json', str(out)])
+    bench.main()
+    report = json.loads(out.read_text())
+    (row,) = report['rows']
+    assert report['matmul_peak_flops'] > 0 and report['torch_matmul_peak_flops'] > 0
+    best = max(report['matmul_peak_flops'], report['torch_matmul_peak_flops'])
+    torch_flops = row['torch_images_per_s'] * row['gflops_per_image'] * 1e9
+    assert row['gflops_per_image'] > 0.1 and row['jax_images_per_s'] > 0
+    assert row['two_x_torch_share_of_best_peak'] == pytest.approx(2 * torch_flops / best)
+    assert row['jax_over_torch'] == pytest.approx(
+        row['jax_images_per_s'] / row['torch_images_per_s'])
