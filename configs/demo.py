@@ -65,6 +65,8 @@ Why these settings:
   best val 0.66 at the last epoch, test 0.59. Validation no longer falls at
   the end, but it gets no higher: in ~1300 steps the model is limited by how
   much it learns, not by how many photos it sees.
+- Not used: loss fidelity (pairwise, scale 10; session 6): best val 0.61 at
+  epoch 8, test 0.62, the same as plcc.
 - Not used either: more training content from procedural "dead leaves" images
   (tried on version 1 of the dataset, 3 epochs: validation 0.36 / test 0.31,
   as without them; with fan_in 0.19 / 0.21), and Adam's b2=0.99 (600 steps:

@@ -12,8 +12,9 @@ JAX model reaches; on a GPU also the MFU against the card's datasheet dense peak
 PyTorch it also times PyTorch's own n^3 matmul and states what the goal of 2x the
 reference asks: the share of the better of the two matmul rates that the model's FLOPs
 at twice PyTorch's images/s would take (over 100%: out of any implementation's reach on
-this machine). Same machine, same weights, same inputs. Results go to stdout and, with --json, to a file
-that is rewritten after every row (a run cut short keeps what it measured).
+this machine). Same machine, same weights, same inputs. Results go to stdout and, with
+--json, to a file that is rewritten after every row (a run cut short keeps what it
+measured).
 
 PyTorch runs on the GPU when JAX does. bfloat16 means mixed precision on both sides:
 fp32 parameters, bf16 matmuls (JAX: the model's compute dtype; PyTorch: autocast). On
@@ -352,8 +353,9 @@ def _format_row(row: dict) -> str:
         text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
                  f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")
     if 'two_x_torch_share_of_best_peak' in row:
+        need = row['two_x_torch_share_of_best_peak']
         text += (f"; PyTorch at {100 * row['torch_share_of_best_peak']:.0f}% of the best "
-                 f"matmul peak, 2x PyTorch would need {100 * row['two_x_torch_share_of_best_peak']:.0f}%")
+                 f"matmul peak, 2x PyTorch would need {100 * need:.0f}%")
     if 'jax_mfu' in row:
         text += f", MFU {100 * row['jax_mfu']:.0f}% of the datasheet peak"
     return text
