@@ -67,6 +67,10 @@ Why these settings:
   much it learns, not by how many photos it sees.
 - Not used: loss fidelity (pairwise, scale 10; session 6): best val 0.61 at
   epoch 8, test 0.62, the same as plcc.
+- Not used: the patch embedding initialised with a 4x4 DCT basis (luma
+  frequencies, lowest first, and two colour-opponent means; session 6):
+  it learns more slowly (training loss 0.39 and validation 0.50 at epoch 7,
+  against 0.25 and 0.68); stopped there.
 - Not used either: more training content from procedural "dead leaves" images
   (tried on version 1 of the dataset, 3 epochs: validation 0.36 / test 0.31,
   as without them; with fan_in 0.19 / 0.21), and Adam's b2=0.99 (600 steps:

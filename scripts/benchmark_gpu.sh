@@ -4,9 +4,9 @@
 #   bash scripts/benchmark_gpu.sh [OUT_DIR]
 #
 # 1. a quick check that JAX sees the GPU and the model runs (fails fast otherwise);
-# 2. window attention alone: XLA against the Pallas kernels, with a sweep of their launch
-#    settings (scripts/benchmark_attention.py), then the train step with the Pallas kernels,
-#    Swin-Base, bf16, batch 128, against PyTorch in the same run;
+# 2. the train step with the Pallas kernels, Swin-Base, bf16, batch 128, against PyTorch in
+#    the same run; then window attention alone: XLA against the Pallas kernels, with a sweep
+#    of their launch settings (scripts/benchmark_attention.py);
 # 3. the training step, Swin-Base, bf16, batch 32/64/128: JAX vs PyTorch (autocast), MFU;
 # 4. inference, tiny and base, bf16, batch 32/128; 5. inference, base, fp32 (TF32), batch 32.
 # About 16 minutes in all on an H200: more than one lent session has, so the parts are in
@@ -41,10 +41,11 @@ bench() {  # seconds, json name, benchmark.py arguments...
 }
 # On an H200 (2026-11-26): building Swin-Base and its PyTorch twin took about a minute and
 # compiling its train step about 70 s per batch size; 260 s covered only batch 32.
+# First the one figure no session has yet: the whole train step with the Pallas kernels.
+bench 240 train_pallas --train --variants base --batches 128 --dtype bfloat16 --attention pallas --min-seconds 3
 echo "== benchmark_attention.py (limit 120s)"
 timeout 120 python3 scripts/benchmark_attention.py --variant base --batch 128 --impls xla pallas \
     --pallas-windows 4 64 --pallas-warps 8 --json "$out/attention.json" || echo "== ended with status $?"
-bench 240 train_pallas --train --variants base --batches 128 --dtype bfloat16 --attention pallas --min-seconds 3
 bench 390 train_bf16 --train --variants base --batches 32 64 128 --dtype bfloat16 --min-seconds 3
 bench 150 infer_bf16 --variants tiny base --batches 32 128 --dtype bfloat16 --min-seconds 2
 bench 80 infer_fp32 --variants base --batches 32 --dtype float32 --min-seconds 2
