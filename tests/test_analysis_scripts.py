@@ -11,6 +11,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
@@ -180,3 +181,32 @@ def test_benchmark_states_what_twice_pytorch_asks_of_the_machine(tmp_path, monke
     assert row['two_x_torch_share_of_best_peak'] == pytest.approx(2 * torch_flops / best)
     assert row['jax_over_torch'] == pytest.approx(
         row['jax_images_per_s'] / row['torch_images_per_s'])
+
+
+def test_matmul_benchmark_times_the_three_products_of_every_linear(tmp_path):
+    """scripts/benchmark_matmul.py: the shapes of every Swin Linear, the three matmuls each
+    runs in a train step (checked against NumPy), and totals weighted by block count."""
+    bench = _script('benchmark_matmul')
+    rows = bench.shapes('tiny', 8)
+    assert len(rows) == 16
+    assert rows[0] == dict(stage=0, layer='qkv', tokens=8 * 56 * 56, din=96, dout=288, blocks=2)
+    assert rows[-1] == dict(stage=3, layer='fc2', tokens=8 * 7 * 7, din=3072, dout=768, blocks=2)
+
+    rng = np.random.default_rng(0)
+    x, w, dy = (rng.standard_normal(s).astype(np.float32) for s in ((10, 3), (3, 4), (10, 4)))
+    want = {'forward': x @ w, 'input_grad': dy @ w.T, 'weight_grad': x.T @ dy}
+    for kind in bench.KINDS:
+        got = bench.products(kind, jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy),
+                             jnp.matmul, jnp.transpose)()
+        np.testing.assert_allclose(np.asarray(got), want[kind], rtol=1e-5, atol=1e-5)
+
+    out = tmp_path / 'matmul.json'
+    sums = bench.main(['--variant', 'pico', '--batch', '1', '--min-seconds', '0',
+                       '--json', str(out)])
+    report = json.loads(out.read_text())
+    assert len(report['rows']) == 16 and report['totals_ms'] == pytest.approx(sums)
+    for lib in ('jax', 'torch'):
+        for kind in bench.KINDS:
+            key = f'{lib}_{kind}_ms'
+            assert sums[key] == pytest.approx(sum(r[key] * r['blocks'] for r in report['rows']))
+            assert all(r[key] > 0 for r in report['rows'])
