@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import time
 
 import jax
@@ -262,12 +263,14 @@ class Stepper:
     `run` dispatches a step without waiting; `wait` waits for the last one. Warmed up."""
 
     def __init__(self, compiled, state, data):
-        self.compiled, self.state, self.data = compiled, state, data
+        self.compiled, self.state, self.data, self.steps = compiled, state, data, 0
         self.run()
         self.wait()
+        self.steps = 0   # counts the timed steps only
 
     def run(self):
         self.state, self.metrics = self.compiled(self.state, self.data)
+        self.steps += 1
 
     def wait(self):
         self.metrics['loss'].block_until_ready()
@@ -313,11 +316,15 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
         print(f'  compiled the train step for batch {batch} in {time.perf_counter() - t:.0f} s',
               flush=True)
         stepper = Stepper(compiled, state, data)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         seconds = timed(stepper.run, min_seconds=min_seconds, calls=STEPS_IN_FLIGHT,
                         wait=stepper.wait)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         state = stepper.state
         row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
                    micro_batch=None, attention=attention, jax_images_per_s=batch / seconds,
+                   # host memory freshly mapped per step (BENCHMARKS.md, "Page faults")
+                   jax_page_faults_per_step=faults / stepper.steps,
                    **utilisation(flops, batch, seconds, peak))
         if torch_step is not None:
             x, y = side.tensor(images, nchw=True), side.tensor(scores)
@@ -353,6 +360,8 @@ def _format_row(row: dict) -> str:
     if 'gflops_per_image' in row:
         text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
                  f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")
+    if 'jax_page_faults_per_step' in row:
+        text += f", {row['jax_page_faults_per_step']:,.0f} page faults/step"
     if 'two_x_torch_share_of_best_peak' in row:
         need = row['two_x_torch_share_of_best_peak']
         text += (f"; PyTorch at {100 * row['torch_share_of_best_peak']:.0f}% of the best "

@@ -22,7 +22,8 @@ import argparse
 import contextlib
 import functools
 import json
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,9 @@ import numpy as np
 from smartiqa_jax.models import swin
 from smartiqa_jax.models import window_attention_pallas as kernels
 from smartiqa_jax.models.variants import get_variant
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (scripts/benchmark.py: the shared timer)
 
 
 def _split(attention, **kwargs):
@@ -84,13 +88,9 @@ def relative_error(x, reference) -> float:
 
 
 def median_seconds(fn, min_seconds: float) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < 5 or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    fn()   # compile / warm up
+    return benchmark.timed(lambda: jax.block_until_ready(fn()), min_seconds=min_seconds,
+                           min_runs=5)
 
 
 def main():

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,18 +24,16 @@ import numpy as np
 
 from smartiqa_jax.models.variants import get_variant
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402  (scripts/benchmark.py: the shared timer)
+
 KINDS = ('forward', 'input_grad', 'weight_grad')
 LAYERS = {'qkv': (1, 3), 'proj': (1, 1), 'fc1': (1, 4), 'fc2': (4, 1)}   # (in, out) x C
 
 
-def _median_seconds(fn, min_seconds: float, min_runs: int = 5) -> float:
-    fn()
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def _median_seconds(fn, min_seconds: float) -> float:
+    fn()   # compile / warm up
+    return benchmark.timed(fn, min_seconds=min_seconds, min_runs=5)
 
 
 def shapes(variant: str, batch: int) -> list[dict]:

@@ -182,6 +182,15 @@ def test_benchmark_states_what_twice_pytorch_asks_of_the_machine(tmp_path, monke
     assert row['jax_over_torch'] == pytest.approx(
         row['jax_images_per_s'] / row['torch_images_per_s'])
 
+    # The train step: images/s and the page faults per timed step; no bound without PyTorch.
+    monkeypatch.setattr('sys.argv', ['benchmark.py', '--train', '--variants', 'pico',
+                                     '--batches', '2', '--no-torch', '--min-seconds', '0',
+                                     '--json', str(out)])
+    bench.main()
+    (row,) = json.loads(out.read_text())['rows']
+    assert row['mode'] == 'train' and row['jax_images_per_s'] > 0
+    assert row['jax_page_faults_per_step'] >= 0 and 'two_x_torch_share_of_best_peak' not in row
+
 
 def test_matmul_benchmark_times_the_three_products_of_every_linear(tmp_path):
     """scripts/benchmark_matmul.py: the shapes of every Swin Linear, the three matmuls each
