@@ -33,6 +33,7 @@ def usage() -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Dispatches to COMMANDS[argv[0]]'s main; returns its exit status (2: unknown command)."""
+    entry_point = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ('-h', '--help', 'help'):
         print(usage(), file=sys.stdout if argv else sys.stderr)
@@ -41,6 +42,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if command not in COMMANDS:
         print(f'smartiqa: unknown command {command!r}\n\n{usage()}', file=sys.stderr)
         return 2
+    if entry_point and command != 'convert':   # a CPU that computes: glibc settings first
+        from smartiqa_jax import cpu_malloc
+        cpu_malloc.reexec_with_tunables()
     module = importlib.import_module(COMMANDS[command][0])
     # The trainer is an absl app: it wants the program name first in argv. Commands that
     # leave through sys.exit (absl, argparse's --help and usage errors) still give their

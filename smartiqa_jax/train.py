@@ -736,4 +736,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+    from smartiqa_jax import cpu_malloc
+    cpu_malloc.reexec_with_tunables()
     main()

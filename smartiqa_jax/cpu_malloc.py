@@ -1,0 +1,110 @@
+"""Keeps XLA:CPU's per-step scratch memory mapped: glibc malloc settings set at start-up.
+
+XLA:CPU takes each execution's scratch memory (1.7 GB for Swin-T's train step at
+batch 8) from malloc and frees it afterwards. glibc serves blocks that large with a
+fresh mmap and returns them with munmap, so every step page-faults and zero-fills
+the whole block again (437,000 faults and about 1 s of system time per step for
+that case; BENCHMARKS.md, "Page faults"). Four glibc tunables keep the memory in
+the process instead:
+
+  hugetlb=1        large blocks on transparent huge pages
+  arena_max=1      one malloc arena, so the next step finds the freed block
+  mmap_max=0       large blocks from the heap, not from their own mappings
+  trim_threshold   (64 GiB) the heap is not handed back to the kernel when freed
+
+glibc reads tunables only when a process starts, so the command-line entry points
+(`python -m smartiqa_jax.train`, `smartiqa train|predict|evaluate`) re-execute
+themselves once with GLIBC_TUNABLES set, before any computation, when all of:
+
+- the process runs on Linux with glibc 2.35 or newer (`hugetlb` is 2.35's);
+- JAX will run on the CPU: JAX_PLATFORMS names only `cpu`, or no GPU/TPU plugin is
+  installed (a GPU or TPU run gains nothing: its scratch memory is on the device);
+- GLIBC_TUNABLES is not set already (the user's own setting is left alone, and the
+  re-executed process does not go round again);
+- SMARTIQA_JAX_MALLOC is not `system` (the opt-out).
+
+The cost: the process keeps its peak memory until it exits (3.4 GB for the demo),
+as PyTorch's caching allocator does on a GPU. Library calls (`train_and_evaluate`,
+notebooks, tests) are never re-executed; they can set the variable themselves
+before Python starts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+TUNABLES = ('glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+            'glibc.malloc.trim_threshold=68719476736')
+OPT_OUT = 'SMARTIQA_JAX_MALLOC'           # set to 'system' to keep glibc's defaults
+
+
+def _glibc_version() -> tuple[int, int] | None:
+    try:
+        name, version = os.confstr('CS_GNU_LIBC_VERSION').split()   # e.g. 'glibc 2.36'
+        major, minor = version.split('.')[:2]
+        return (int(major), int(minor)) if name == 'glibc' else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _runs_on_cpu(environ) -> bool:
+    platforms = environ.get('JAX_PLATFORMS') or environ.get('JAX_PLATFORM_NAME')
+    if platforms:
+        return {p.strip().lower() for p in platforms.split(',') if p.strip()} == {'cpu'}
+    # JAX finds GPU plugins through the 'jax_plugins' entry points or namespace package
+    # (jax-cuda12-plugin, jax-rocm...), and TPUs through libtpu.
+    if importlib.metadata.entry_points(group='jax_plugins'):
+        return False
+    for module in ('jax_plugins', 'libtpu'):
+        try:
+            spec = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            continue
+        if spec is not None and (module == 'libtpu' or any(
+                _has_modules(path) for path in spec.submodule_search_locations or ())):
+            return False
+    return True
+
+
+def _has_modules(folder: str) -> bool:
+    try:
+        return any(name != '__pycache__' for name in os.listdir(folder))
+    except OSError:
+        return False
+
+
+def reason_not_to_reexec(environ=None) -> str | None:
+    """Why the tunables would not be applied here; None when they would."""
+    environ = os.environ if environ is None else environ
+    if environ.get(OPT_OUT, '').lower() == 'system':
+        return f'{OPT_OUT}=system'
+    if 'GLIBC_TUNABLES' in environ:
+        return 'GLIBC_TUNABLES is set already'
+    if not sys.platform.startswith('linux'):
+        return f'not Linux ({sys.platform})'
+    version = _glibc_version()
+    if version is None or version < (2, 35):
+        return f'glibc 2.35 or newer needed (found {version})'
+    if not _runs_on_cpu(environ):
+        return 'JAX runs on a GPU or TPU here'
+    return None
+
+
+def reexec_with_tunables() -> None:
+    """At a command-line entry point: re-executes this process with TUNABLES if it helps.
+
+    Returns (doing nothing) when `reason_not_to_reexec()` gives a reason; otherwise
+    replaces the process with the same command line (`sys.orig_argv`) and
+    GLIBC_TUNABLES set, and does not return. Call it before any JAX computation.
+    """
+    if reason_not_to_reexec() is not None:
+        return
+    os.environ['GLIBC_TUNABLES'] = TUNABLES
+    print(f'smartiqa_jax: restarting with GLIBC_TUNABLES={TUNABLES} (faster CPU steps; '
+          f'{OPT_OUT}=system keeps the defaults)', file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

@@ -1,0 +1,74 @@
+"""The glibc settings that keep XLA:CPU's scratch memory: when they apply, and that they work."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from smartiqa_jax import cpu_malloc
+
+# Frees 256 MB and allocates it again; prints GLIBC_TUNABLES and the page faults of the
+# second allocation (numpy's own huge-page advice off, so every 4 KB page counts).
+_PROBE = textwrap.dedent('''
+    import resource, sys
+    from smartiqa_jax import cpu_malloc
+    cpu_malloc.reexec_with_tunables()
+    import os, numpy as np
+    np._core.multiarray._set_madvise_hugepage(False)
+    a = np.ones(32 << 20); del a
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(32 << 20); del a
+    print(os.environ.get('GLIBC_TUNABLES'), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+''')
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', cpu_malloc.OPT_OUT)}
+    env['JAX_PLATFORMS'] = 'cpu'
+    env.update(extra)
+    return env
+
+
+def _probe(**extra):
+    out = subprocess.run([sys.executable, '-c', _PROBE], env=_env(**extra), capture_output=True,
+                         text=True, timeout=120, check=True)
+    tunables, faults = out.stdout.split()
+    return tunables, int(faults), out.stderr
+
+
+@pytest.mark.skipif(cpu_malloc.reason_not_to_reexec(_env()) is not None,
+                    reason='needs Linux with glibc >= 2.35')
+def test_reexec_sets_the_tunables_and_glibc_keeps_freed_memory_mapped():
+    tunables, faults, stderr = _probe()
+    assert tunables == cpu_malloc.TUNABLES
+    assert 'restarting with GLIBC_TUNABLES' in stderr
+    assert faults < 1000                       # measured: 0
+
+    # The opt-out: glibc's defaults, and the 256 MB are mapped and faulted in afresh.
+    tunables, faults, stderr = _probe(**{cpu_malloc.OPT_OUT: 'system'})
+    assert tunables == 'None' and 'restarting' not in stderr
+    assert faults > 30000                      # measured: 65,537 (4 KB pages)
+
+
+def test_when_the_tunables_are_not_applied():
+    reason = cpu_malloc.reason_not_to_reexec
+    assert reason(_env(**{cpu_malloc.OPT_OUT: 'system'})) == f'{cpu_malloc.OPT_OUT}=system'
+    assert reason(_env(GLIBC_TUNABLES='glibc.malloc.arena_max=2')) == \
+        'GLIBC_TUNABLES is set already'
+    assert reason(_env(JAX_PLATFORMS='cuda')) == 'JAX runs on a GPU or TPU here'
+    assert reason(_env(JAX_PLATFORMS='cuda,cpu')) == 'JAX runs on a GPU or TPU here'
+    if sys.platform.startswith('linux') and cpu_malloc._glibc_version() >= (2, 35):
+        assert reason(_env()) is None
+        assert reason(_env(JAX_PLATFORMS=' CPU ')) is None
+
+
+@pytest.mark.skipif(cpu_malloc.reason_not_to_reexec(_env()) is not None,
+                    reason='needs Linux with glibc >= 2.35')
+def test_the_train_command_restarts_itself_once_and_keeps_its_arguments():
+    out = subprocess.run([sys.executable, '-m', 'smartiqa_jax.train', '--helpshort'],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stderr        # absl's exit status after --helpshort
+    assert out.stderr.count('restarting with GLIBC_TUNABLES') == 1
+    assert '--workdir' in out.stdout + out.stderr       # the restarted process saw the flag
