@@ -43,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (any device), 'pallas' (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused
     # attention; GPUs, bfloat16). See the README's GPU section for what each gains.
     config.model.attention = 'xla'
+    config.model.patch_norm = True           # Swin's LayerNorm after the patch embedding (demo: off)
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = 'koniq10k'
@@ -61,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.hflip = True
     config.data.color_jitter = False
     config.data.rotate90 = False             # random 90-degree turns (not in the paper; demo)
+    config.data.jpeg_aligned_crops = False   # crops at 2 mod 4: JPEG block edges inside patches
     config.data.cache = False                # decode + resize once into a memory-mapped file
     config.data.num_workers = 0              # grain worker processes
     # Shards of the training stream; -1: one per process. The data order depends
@@ -83,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     # still predicts on the label scale; writes workdir/model (train.calibrate_score_layers).
     config.train.calibrate = False
     config.train.patience = 5                # epochs without a better validation SRCC
+    config.train.cpu_devices = 0             # > 0: split a CPU into this many data-parallel devices
     config.train.compute_dtype = 'float32'   # bfloat16 on GPU/TPU; parameters stay float32
     config.train.log_every_steps = 50
     config.train.checkpoint_every_steps = 500

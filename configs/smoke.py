@@ -17,14 +17,17 @@ def get_config():
     config.model.score_scale = 'model'
     config.model.hyper_conv_init = 'model'
     config.model.backbone_init = 'timm'
+    config.model.patch_norm = True           # timm's Swin, so timm files load (tests)
     config.data.resize = (224, 224)          # smallest the 224 crop allows: fast decode
     config.data.patches_per_image = 1
     config.data.eval_crops = 1
     config.data.eval_crop_mode = 'center'
     config.data.cache = False
     config.data.rotate90 = False
+    config.data.jpeg_aligned_crops = False
     config.data.max_images_per_split = 24
     config.train.batch_size = 4
+    config.train.cpu_devices = 0             # JAX's default: the tests set the device count
     config.train.loss = 'l1'
     config.train.calibrate = False
     config.train.eval_batch_size = 8

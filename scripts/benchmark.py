@@ -4,6 +4,7 @@
   python scripts/benchmark.py --variants tiny --batches 8 --dtype bfloat16
   python scripts/benchmark.py --train --variants tiny --batches 8    # the training step
   python scripts/benchmark.py --train --variants base --batches 32 64 128 --dtype bfloat16  # GPU
+  python scripts/benchmark.py --cpu-devices 2       # the CPU split into 2 data-parallel devices
 
 Prints one row per (variant, batch): images/s for JAX and PyTorch, their ratio, the
 model's FLOPs per image (XLA cost analysis) and the share of the machine's matmul peak
@@ -19,6 +20,10 @@ measured).
 PyTorch runs on the GPU when JAX does. bfloat16 means mixed precision on both sides:
 fp32 parameters, bf16 matmuls (JAX: the model's compute dtype; PyTorch: autocast). On
 a GPU in fp32, both use TF32 matmuls (JAX's default precision; torch is told to).
+
+JAX's batch is sharded over all its devices (a one-axis mesh, parameters replicated, as
+in the trainer). --cpu-devices N first splits the CPU into N devices
+(`sharding.set_cpu_devices`), each of which runs its part of the batch on its own thread.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from smartiqa_jax import sharding
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 
 
@@ -171,9 +177,11 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
     if torch_too:
         side = Torch(dtype)
         reference = side.reference(variant, fusion, model).eval()
+    mesh = sharding.make_mesh()
+    state = jax.device_put(state, sharding.replicated(mesh))
     for batch in batches:
         images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
-        x = jnp.asarray(images)
+        x = jax.device_put(images, sharding.batch_sharding(mesh))
         lowered = forward.lower(state, x)
         compiled = lowered.compile()
         # XLA's FLOP count of the plain forward (a lax.map body would be counted only once).
@@ -181,7 +189,7 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
         compiled(state, x).block_until_ready()
         seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
         row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   micro_batch=micro_batch, attention=attention, jax_images_per_s=batch / seconds,
+                   devices=jax.device_count(), micro_batch=micro_batch, attention=attention, jax_images_per_s=batch / seconds,
                    **utilisation(flops, batch, seconds, peak))
         if reference is not None:
             xt = side.tensor(images, nchw=True)
@@ -322,7 +330,8 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         state = stepper.state
         row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   micro_batch=None, attention=attention, jax_images_per_s=batch / seconds,
+                   devices=jax.device_count(), micro_batch=None, attention=attention,
+                   jax_images_per_s=batch / seconds,
                    # host memory freshly mapped per step (BENCHMARKS.md, "Page faults")
                    jax_page_faults_per_step=faults / stepper.steps,
                    **utilisation(flops, batch, seconds, peak))
@@ -353,6 +362,7 @@ def _format_row(row: dict) -> str:
     text = (f"{row.get('mode', 'infer'):>5} {row['variant']:>5} {row['fusion']:>10} {row['dtype']:>8} "
             f"{row.get('attention', 'xla'):>5} "
             f"batch {row['batch']:>3} "
+            + (f"on {row['devices']} devices " if row.get('devices', 1) > 1 else '') +
             f"(micro-batch {row['micro_batch'] or '-'}): "
             f"JAX {row['jax_images_per_s']:7.2f} img/s")
     if 'torch_images_per_s' in row:
@@ -388,7 +398,10 @@ def main():
     parser.add_argument('--no-torch', action='store_true', help='skip the PyTorch reference')
     parser.add_argument('--min-seconds', type=float, default=5.0, help='timing window per case')
     parser.add_argument('--json', help='also write the rows to this JSON file')
+    parser.add_argument('--cpu-devices', type=int, default=0,
+                        help='split the CPU into this many data-parallel JAX devices (0: one)')
     args = parser.parse_args()
+    sharding.set_cpu_devices(args.cpu_devices)
 
     device = jax.devices()[0]
     peak_dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32

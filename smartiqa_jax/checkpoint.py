@@ -135,8 +135,12 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
         config = ModelConfig.from_dict({**config_dict, **config_overrides})
         # Shapes only: every value is about to be overwritten by the checkpoint's.
         model = nnx.eval_shape(lambda: SmartIQA(config, rngs=nnx.Rngs(0)))
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                params_pytree(model))
+        # Onto one device of this process, whatever mesh the checkpoint was written from
+        # (a run on 2 CPU devices, a GPU pod): orbax would otherwise ask for that topology.
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
+            params_pytree(model))
         tree = checkpointer.restore(directory, ocp.args.Composite(**{
             PARAMS: ocp.args.StandardRestore(abstract)}))[PARAMS]
     restore_params(model, jax.tree.map(np.asarray, tree))

@@ -19,9 +19,10 @@ runs over very many files prefer .csv or .jsonl, which are only appended to).
 Without --output the CSV goes to stdout. The progress bar and the summary go to stderr.
 
 Preprocessing: --resize defaults to the training config stored in the checkpoint (a
-training workdir or step), else the KonIQ protocol, 512 high x 384 wide. JPEGs larger
-than twice the target are decoded at a reduced DCT scale (PIL `draft`), so a large photo
-is never held at full size; other formats are box-reduced right after decoding, before
+training workdir or step), else the KonIQ protocol, 512 high x 384 wide; so does
+--[no-]jpeg-aligned-crops (data.jpeg_aligned_crops there, else off). JPEGs larger than
+twice the target are decoded at a reduced DCT scale (PIL `draft`), so a large photo is
+never held at full size; other formats are box-reduced right after decoding, before
 any array copy. Images over --max-pixels (PIL's decompression-bomb limit, 89 megapixels,
 by default) are refused with an error row.
 
@@ -87,6 +88,8 @@ class Preprocessing:
     crop_mode: 'random' (seeded by `seed` and the file's bytes), 'grid' (evenly spaced,
       edge to edge) or 'center' (one crop).
     max_pixels: images with more pixels are refused (None: PIL's Image.MAX_IMAGE_PIXELS).
+    jpeg_aligned: crop offsets 2 past a multiple of 4 (preprocess.jpeg_aligned_offset), as
+      in training with `data.jpeg_aligned_crops` (the demo).
     """
 
     resize: preprocess.ResizeSpec = preprocess.KONIQ_RESIZE
@@ -95,6 +98,7 @@ class Preprocessing:
     seed: int = 0
     crop_size: int = CROP_SIZE
     max_pixels: Optional[int] = None
+    jpeg_aligned: bool = False
 
     def __post_init__(self):
         if self.crop_mode not in CROP_MODES:
@@ -107,7 +111,8 @@ class Preprocessing:
     def describe(self) -> str:
         return (f'resize {format_resize(self.resize)}, {self.crops} {self.crop_mode} crop'
                 f'{"s" if self.crops > 1 else ""} of {self.crop_size}'
-                + (f' (seed {self.seed})' if self.crop_mode == 'random' else ''))
+                + (f' (seed {self.seed})' if self.crop_mode == 'random' else '')
+                + (', JPEG-aligned' if self.jpeg_aligned else ''))
 
 
 def parse_resize(text: str) -> preprocess.ResizeSpec:
@@ -140,20 +145,27 @@ def format_resize(resize: preprocess.ResizeSpec) -> str:
     return f'{resize[0]}x{resize[1]}'
 
 
-def checkpoint_resize(checkpoint_dir: str | os.PathLike) -> tuple[bool, preprocess.ResizeSpec]:
-    """The resize a training run used, from the `config` item of its checkpoint.
+def checkpoint_data_config(checkpoint_dir: str | os.PathLike) -> dict:
+    """The `data` part of the training config in a checkpoint's `config` item; {} if none.
 
-    Returns (found, resize). Model checkpoints written by `checkpoint.save_model` without a
-    `training_config` (the `convert` command's) carry none: (False, None).
+    Model checkpoints written by `checkpoint.save_model` without a `training_config` (the
+    `convert` command's) carry none.
     """
-    config_dir = Path(checkpoint_dir) / 'config'
-    if not config_dir.is_dir():
-        return False, None
+    if not (Path(checkpoint_dir) / 'config').is_dir():
+        return {}
     import orbax.checkpoint as ocp
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         config = checkpointer.restore(Path(checkpoint_dir), ocp.args.Composite(
             config=ocp.args.JsonRestore()))['config']
-    data = (config or {}).get('data') or {}
+    return (config or {}).get('data') or {}
+
+
+def checkpoint_resize(checkpoint_dir: str | os.PathLike) -> tuple[bool, preprocess.ResizeSpec]:
+    """The resize a training run used, from the `config` item of its checkpoint.
+
+    Returns (found, resize); (False, None) for a checkpoint without a training config.
+    """
+    data = checkpoint_data_config(checkpoint_dir)
     if 'resize' not in data:
         return False, None
     value = data['resize']
@@ -243,11 +255,16 @@ def crop_offsets(height: int, width: int, prep: Preprocessing, key: int) -> list
     """`prep.crops` top-left (y, x) offsets of crop_size windows in a (height, width) image."""
     size = prep.crop_size
     if prep.crop_mode == 'center':
-        return [preprocess.center_crop_offset(height, width, size)]
-    if prep.crop_mode == 'grid':
-        return preprocess.grid_crop_offsets(height, width, size, prep.crops)
-    rng = np.random.default_rng([prep.seed, key])
-    return [preprocess.random_crop_offset(height, width, size, rng) for _ in range(prep.crops)]
+        offsets = [preprocess.center_crop_offset(height, width, size)]
+    elif prep.crop_mode == 'grid':
+        offsets = preprocess.grid_crop_offsets(height, width, size, prep.crops)
+    else:
+        rng = np.random.default_rng([prep.seed, key])
+        offsets = [preprocess.random_crop_offset(height, width, size, rng)
+                   for _ in range(prep.crops)]
+    if prep.jpeg_aligned:
+        offsets = [preprocess.jpeg_aligned_offset(o, height, width, size) for o in offsets]
+    return offsets
 
 
 def image_crops(pixels: np.ndarray, prep: Preprocessing, key: int) -> np.ndarray:
@@ -537,6 +554,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--resize', default=None,
                         help="HEIGHTxWIDTH squash, short:N (aspect kept) or none; default: the "
                              "checkpoint's training config, else KonIQ's 512x384")
+    parser.add_argument('--jpeg-aligned-crops', action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="crop offsets 2 past a multiple of 4, so JPEG block edges fall "
+                             "inside the 4x4 patches; default: the checkpoint's training config "
+                             "(data.jpeg_aligned_crops, the demo's), else off")
     parser.add_argument('--batch-size', type=int, default=8,
                         help='images per model call (x crops = crops per call); default 8')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
@@ -573,8 +595,11 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
         source = 'from the checkpoint\'s training config' if found else 'KonIQ protocol'
     else:
         resize, source = parse_resize(args.resize), 'from --resize'
+    jpeg_aligned = args.jpeg_aligned_crops
+    if jpeg_aligned is None:
+        jpeg_aligned = bool(checkpoint_data_config(directory).get('jpeg_aligned_crops', False))
     prep = Preprocessing(resize=resize, crops=crops, crop_mode=args.crop_mode, seed=args.seed,
-                         max_pixels=args.max_pixels)
+                         max_pixels=args.max_pixels, jpeg_aligned=jpeg_aligned)
     overrides = {'dtype': args.dtype} if args.dtype else {}
     if args.attention != 'xla':
         from smartiqa_jax.models import swin

@@ -168,6 +168,26 @@ def grid_crop_offsets(height: int, width: int, crop: int,
     return [(int(y), int(x)) for y in ys for x in xs]
 
 
+def jpeg_aligned_offset(offset: tuple[int, int], height: int, width: int,
+                        crop: int) -> tuple[int, int]:
+    """Moves a crop's top-left (y, x) to 2 past a multiple of 4, the nearest such place below.
+
+    In a JPEG used at its stored size the 8x8 block edges (16x16 for subsampled colour)
+    then lie between the 2nd and 3rd pixel of every other one of Swin's 4x4 patches,
+    in every crop and after any flip or quarter turn of it, so the patch embedding sees
+    the blocking at one fixed place instead of at any of four, or on a patch border,
+    where no single patch shows it. An axis with no such position in range (an image
+    less than 3 pixels larger than the crop) keeps its offset.
+    """
+    def align(value: int, room: int) -> int:
+        aligned = value - (value - 2) % 4
+        if aligned < 0:
+            aligned += 4
+        return aligned if aligned <= room else value
+
+    return align(offset[0], height - crop), align(offset[1], width - crop)
+
+
 def crop(pixels: np.ndarray, offset: tuple[int, int], size: int) -> np.ndarray:
     """uint8 (H, W, 3) -> uint8 (size, size, 3) view at top-left `offset`."""
     y, x = offset

@@ -87,7 +87,7 @@ class _SwinLDA(nn.Module):
     ``swin.backbone.*`` and ``swin.lda*`` as in the released state_dict.
     """
 
-    def __init__(self, variant: str, drop_path_rate: float):
+    def __init__(self, variant: str, drop_path_rate: float, patch_norm: bool = True):
         super().__init__()
         c = VARIANTS[variant]["embed_dim"]
         # timm's FeatureListNet keeps the stages as children ``layers_0`` ..
@@ -104,6 +104,8 @@ class _SwinLDA(nn.Module):
             drop_path_rate=drop_path_rate,
             **geometry,
         )
+        if not patch_norm:   # smartiqa_jax's ModelConfig(patch_norm=False); never released
+            self.backbone.patch_embed.norm = nn.Identity()
         # Stages 0..2: 1x1 conv (no bias) -> avg-pool 7/7 -> flatten (C,H,W) -> Linear.
         # Pooled maps: 56->8, 28->4, 14->2 spatially.
         self.lda1_pool = nn.Sequential(nn.Conv2d(c, 16, 1, bias=False), nn.AvgPool2d(7, 7))
@@ -176,6 +178,8 @@ class SmartIQATorch(nn.Module):
         drop_path_rate: Swin stochastic depth; None = released default
             (0.2 tiny, 0.25 small, 0.3 base).
         attention_dropout: dropout inside the stage-attention MLP.
+        patch_norm: False leaves out the LayerNorm after the patch embedding, as
+            smartiqa_jax's ModelConfig(patch_norm=False) does (not a released model).
 
     The state_dict has exactly the names and shapes of SPEC 1.6 (210 tensors
     for tiny with attention), so released checkpoints and our exports load
@@ -189,6 +193,7 @@ class SmartIQATorch(nn.Module):
         dropout: float | None = None,
         drop_path_rate: float | None = None,
         attention_dropout: float = 0.5,
+        patch_norm: bool = True,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -202,7 +207,7 @@ class SmartIQATorch(nn.Module):
         self.drop_path_rate = cfg["drop_path_rate"] if drop_path_rate is None else float(drop_path_rate)
         c = cfg["embed_dim"]
 
-        self.swin = _SwinLDA(variant, self.drop_path_rate)
+        self.swin = _SwinLDA(variant, self.drop_path_rate, patch_norm)
         if fusion == "attention":
             self.multiscale_attention = _MultiScaleAttention(8 * c, attention_dropout)
         else:
@@ -398,8 +403,9 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, str]:
       in-channels of ``conv1.0.weight``: 15C -> 'multiscale', 8C -> 'backbone'.
 
     Accepts the raw output of :func:`load_released_state_dict` (``module.``
-    prefixes are tolerated too). Returns ``dict(variant=..., fusion=...)``,
-    suitable as ``SmartIQATorch(**cfg)``. Raises ValueError on anything else.
+    prefixes are tolerated too). Returns ``dict(variant=..., fusion=...)``, plus
+    ``patch_norm=False`` where the patch norm is absent, suitable as
+    ``SmartIQATorch(**cfg)``. Raises ValueError on anything else.
     """
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
     try:
@@ -422,4 +428,6 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict[str, str]:
     else:
         raise ValueError(f"conv1.0 takes {conv1_in} channels (attention keys: {has_attention}); "
                          f"expected {15 * c} (multi-scale) or {8 * c} (backbone only)")
+    if "swin.backbone.patch_embed.norm.weight" not in sd:   # smartiqa_jax's patch_norm=False
+        return {"variant": variant, "fusion": fusion, "patch_norm": False}
     return {"variant": variant, "fusion": fusion}

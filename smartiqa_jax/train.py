@@ -141,7 +141,8 @@ class TrainFeed:
                 patches_per_image=data_config.patches_per_image,
                 crop_size=data_config.crop_size, resize=_resize(data_config),
                 hflip=data_config.hflip, color_jitter=data_config.color_jitter,
-                rotate90=data_config.rotate90, worker_count=data_config.num_workers,
+                rotate90=data_config.rotate90, jpeg_aligned_crops=data_config.jpeg_aligned_crops,
+                worker_count=data_config.num_workers,
                 shard_index=shard, shard_count=shard_count, cache=cache)
             for shard in range(index * per_process, (index + 1) * per_process)]
         self.iterators = [iter(loader) for loader in self.loaders]
@@ -178,6 +179,7 @@ class EvalSet:
             records, global_batch_size=batch_size, crops=data_config.eval_crops,
             crop_mode=data_config.eval_crop_mode, seed=seed,
             crop_size=data_config.crop_size, resize=_resize(data_config),
+            jpeg_aligned_crops=data_config.jpeg_aligned_crops,
             worker_count=data_config.num_workers,
             cache=data_config.cache if cache is None else cache)
         self.labels = image_scores(records)
@@ -232,7 +234,7 @@ def model_config_from(config: ml_collections.ConfigDict):
         dropout=None if m.dropout < 0 else m.dropout,
         drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
         label_name=config.data.label_name, label_range=tuple(config.data.label_range),
-        dtype=config.train.compute_dtype, attention=m.attention)
+        dtype=config.train.compute_dtype, attention=m.attention, patch_norm=m.patch_norm)
 
 
 def score_scale_of(config, labels: Sequence[float]) -> float:
@@ -502,6 +504,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     Returns {'best_epoch', 'best_step', 'history', 'results': {set: metrics},
     'steps', 'train_seconds'}; the same is written to workdir/summary.json.
     """
+    sharding.set_cpu_devices(config.train.cpu_devices)   # before anything starts JAX
     workdir = _expand(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0

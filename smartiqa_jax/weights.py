@@ -78,10 +78,11 @@ def _conv(torch_prefix: str, path: Path, rule: Rule = CONV, bias: bool = True) -
 
 
 def backbone_map(depths: Iterable[int], prefix: str = BACKBONE_PREFIX, layer_sep: str = '_',
-                 path: Path = ('backbone',)) -> list[Entry]:
+                 path: Path = ('backbone',), patch_norm: bool = True) -> list[Entry]:
     """The Swin entries. Released names: prefix 'swin.backbone.', 'layers_N'; timm: '', 'layers.N'."""
     entries = _conv(f'{prefix}patch_embed.proj', path + ('patch_embed', 'proj'))
-    entries += _norm(f'{prefix}patch_embed.norm', path + ('patch_embed', 'norm'))
+    if patch_norm:
+        entries += _norm(f'{prefix}patch_embed.norm', path + ('patch_embed', 'norm'))
     for i, depth in enumerate(depths):
         layer = f'{prefix}layers{layer_sep}{i}'
         lpath = path + ('layers', i)
@@ -105,7 +106,7 @@ def backbone_map(depths: Iterable[int], prefix: str = BACKBONE_PREFIX, layer_sep
 
 def name_map(config: ModelConfig) -> list[Entry]:
     """Every parameter of `SmartIQA(config)`, paired with its released PyTorch name (SPEC 1.6)."""
-    entries = backbone_map(get_variant(config.variant).depths)
+    entries = backbone_map(get_variant(config.variant).depths, patch_norm=config.patch_norm)
     for i in range(3):
         entries += _conv(f'swin.lda{i + 1}_pool.0', ('lda_convs', i), CONV1X1, bias=False)
     for i in range(4):
@@ -291,6 +292,7 @@ def infer_config(state: Mapping[str, np.ndarray], source: str = 'state_dict',
         fusion = 'backbone'
     else:
         fusion = 'multiscale'
+    overrides.setdefault('patch_norm', BACKBONE_PREFIX + 'patch_embed.norm.weight' in state)
     return ModelConfig(variant=matches[0], fusion=fusion, **overrides)
 
 
@@ -347,7 +349,7 @@ def load_timm_backbone(model: SmartIQA, state_or_path: str | os.PathLike | Mappi
     if any(k.startswith('layers.0.downsample.') for k in state):
         state = _microsoft_to_timm(state)
     depths = get_variant(model.config.variant).depths
-    entries = backbone_map(depths, prefix='', layer_sep='.')
+    entries = backbone_map(depths, prefix='', layer_sep='.', patch_norm=model.config.patch_norm)
     values = convert_state_dict(state, entries, param_shapes(model), source,
                                 ignore=_is_ignorable_timm_key)
     assign(model, values)

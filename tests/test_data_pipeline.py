@@ -195,6 +195,30 @@ def test_eval_crops_are_grouped_and_deterministic(tmp_path, mode, crops):
     np.testing.assert_allclose(pipeline.aggregate_crops(index, scores, 5, mask), np.arange(5))
 
 
+def test_jpeg_aligned_crops_start_two_past_a_multiple_of_four(tmp_path):
+    # Pixels that carry their own coordinates: (y, x, 0), so a crop says where it was cut.
+    from PIL import Image
+    y, x = np.mgrid[0:61, 0:250]
+    Image.fromarray(np.stack([y, x, 0 * x], -1).astype(np.uint8)).save(tmp_path / 'xy.png')
+    fx.write_csv(str(tmp_path / 'labels.csv'), ['image', 'score'], [['xy.png', 1.0]])
+    recs = readers.read_csv_folder(str(tmp_path / 'labels.csv'), fractions=(1, 0, 0))['train']
+
+    def origins(batches):
+        pixels = preprocess.denormalize(np.concatenate([b['image'] for b in batches]))
+        return {(int(c[0, 0, 0]), int(c[0, 0, 1])) for c in pixels}
+
+    common = dict(batch_size=4, crop_size=32, resize=None, shard_index=0, shard_count=1)
+    for aligned in (False, True):
+        train = take(iter(pipeline.make_train_loader(
+            recs, seed=0, patches_per_image=4, hflip=False, jpeg_aligned_crops=aligned,
+            **common)), 8)
+        evals = list(pipeline.make_eval_loader(
+            recs, crops=8, crop_mode='random', seed=0, jpeg_aligned_crops=aligned, **common))
+        for found in (origins(train), origins(evals)):
+            assert len(found) > 4
+            assert all(oy % 4 == 2 and ox % 4 == 2 for oy, ox in found) == aligned
+
+
 def test_eval_shards_cover_every_crop_once_with_equal_steps(tmp_path):
     recs = records(tmp_path, n=5)
     found, steps = [], []

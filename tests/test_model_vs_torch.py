@@ -8,7 +8,7 @@ from flax import nnx
 
 from smartiqa_jax import weights
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
-from smartiqa_jax.torch_reference import SmartIQATorch
+from smartiqa_jax.torch_reference import SmartIQATorch, infer_config
 
 ATOL = 1e-4
 
@@ -97,3 +97,29 @@ def test_round_trip_is_bit_identical(tmp_path):
     assert len(original) == len(restored) == 210
     for a, b in zip(original, restored):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_without_patch_norm_both_ways():
+    """ModelConfig(patch_norm=False), the demo's: the reference without the norm, detected
+    on import from the missing keys, exported without them, loaded strict, same outputs."""
+    torch.manual_seed(1)
+    reference = SmartIQATorch('pico', 'attention', patch_norm=False).eval()
+    state = reference.state_dict()
+    assert not any('patch_embed.norm' in k for k in state)
+    assert infer_config(state) == {'variant': 'pico', 'fusion': 'attention', 'patch_norm': False}
+    model = weights.load_pytorch(state)
+    assert model.config.patch_norm is False
+    x = images(2, seed=2)
+    assert_outputs_match(jax_outputs(model, x), torch_outputs(reference, x))
+
+    exported = {k: torch.from_numpy(v) for k, v in weights.export_state_dict(model).items()}
+    again = SmartIQATorch('pico', 'attention', patch_norm=False).eval()
+    again.load_state_dict(exported, strict=True)
+    assert_outputs_match(jax_outputs(model, x), torch_outputs(again, x))
+    # The norm matters: the same weights with it give other scores.
+    with_norm = weights.load_pytorch({**state, **{
+        f'swin.backbone.patch_embed.norm.{k}': v for k, v in
+        SmartIQATorch('pico', 'attention').swin.backbone.patch_embed.norm.state_dict().items()}})
+    assert with_norm.config.patch_norm is True
+    a, b = (np.asarray(jax_outputs(m, x)['target_in']) for m in (with_norm, model))
+    assert np.abs(a - b).max() > 0.1 * np.abs(b).max()

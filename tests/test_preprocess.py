@@ -117,6 +117,26 @@ def test_crop_offsets():
         preprocess.crop(np.zeros((100, 100, 3), np.uint8), (0, 0), 224)
 
 
+def test_jpeg_aligned_offsets_put_block_edges_inside_patches():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(226, 400, 2))   # room to move
+        offset = preprocess.random_crop_offset(h, w, 224, rng)
+        y, x = preprocess.jpeg_aligned_offset(offset, h, w, 224)
+        assert 0 <= y <= h - 224 and 0 <= x <= w - 224
+        for value, moved in ((offset[0], y), (offset[1], x)):
+            assert moved % 4 == 2 and abs(moved - value) < 4       # the nearest place below,
+            assert moved <= value or value < 2                     # or above near the edge
+        # The 8x8 grid of the stored JPEG, in crop coordinates: every edge (between
+        # pixels e-1 and e) lies between a patch's 2nd and 3rd pixel, also after a flip.
+        edges = [e - x for e in range(8, w, 8) if 0 < e - x < 224]
+        assert edges and all(e % 4 == 2 for e in edges)
+        assert all((224 - e) % 4 == 2 for e in edges)
+    assert preprocess.jpeg_aligned_offset((0, 1), 224, 225, 224) == (0, 1)   # no room: kept
+    assert preprocess.jpeg_aligned_offset((0, 1), 226, 226, 224) == (2, 2)   # moved up
+    assert preprocess.jpeg_aligned_offset((7, 5), 240, 320, 224) == (6, 2)   # moved down
+
+
 def test_normalize_and_back():
     pixels = np.array([[[124, 116, 104]]], np.uint8)  # ~ the ImageNet mean
     out = preprocess.normalize(pixels)

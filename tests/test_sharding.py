@@ -7,6 +7,7 @@ import textwrap
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import AxisType
 
 from smartiqa_jax import sharding
@@ -57,3 +58,12 @@ def test_four_devices_split_the_batch_and_reject_uneven_batches():
     run = subprocess.run([sys.executable, '-c', script], env=env, cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and 'ok' in run.stdout, run.stderr[-3000:]
+
+
+def test_set_cpu_devices_once_jax_has_started_accepts_only_the_count_in_place():
+    count = len(jax.devices('cpu'))
+    sharding.set_cpu_devices(0)          # JAX's default: nothing to do
+    sharding.set_cpu_devices(count)      # what is already there
+    with pytest.raises(ValueError, match=f'cannot split the CPU into {count + 1} devices: '
+                                         f'JAX has already started with {count}'):
+        sharding.set_cpu_devices(count + 1)

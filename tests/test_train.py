@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny config, its bookkeeping, and its messages."""
 
+import io
 import json
 import math
 import os
@@ -59,6 +60,8 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     config.train.loss = 'plcc'
     config.train.calibrate = True
     config.train.num_epochs = 1
+    config.model.patch_norm = False          # the demo's two departures from the paper
+    config.data.jpeg_aligned_crops = True
     summary = train.train_and_evaluate(config, str(tmp_path))
     # The calibration pass reads the training feed's decoded cache: each image once.
     assert decode_counts and max(decode_counts.values()) == 1
@@ -66,6 +69,10 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     # It carries the run's config, so `predict` preprocesses as the run did.
     from smartiqa_jax import predict
     assert predict.checkpoint_resize(tmp_path / 'model') == (True, (224, 224))
+    for flags, aligned in (([], True), (['--no-jpeg-aligned-crops'], False)):
+        args = predict._parser().parse_args(['--checkpoint', str(tmp_path), *flags, 'x.jpg'])
+        scorer_model, prep, _ = predict.load_for_scoring(args, log=io.StringIO())
+        assert prep.jpeg_aligned is aligned and scorer_model.config.patch_norm is False
     model = checkpoint.load(tmp_path)
     best = checkpoint.load(tmp_path / 'checkpoints' / str(summary['best_step']))
     assert summary['calibration'] is not None     # the run is deterministic

@@ -78,6 +78,14 @@ def test_one_and_four_devices_train_the_same_parameters(tmp_path, demo_root):
     _train(tmp_path / 'one', demo_root, devices=1)
     _train(tmp_path / 'four', demo_root, devices=4)
     _assert_same_params(tmp_path / 'one', tmp_path / 'four', atol=1e-5)
+    # config.train.cpu_devices splits the CPU itself (no XLA_FLAGS), to the same result.
+    run = _train(tmp_path / 'two', demo_root, '--config.train.cpu_devices=2', devices=1)
+    assert '2 cpu device(s)' in run.stdout
+    _assert_same_params(tmp_path / 'one', tmp_path / 'two', atol=1e-5)
+    # This process has one device: the checkpoint of the 2-device run still loads.
+    import smartiqa_jax
+    model = smartiqa_jax.load(tmp_path / 'two')
+    assert model.predict(np.zeros((1, 224, 224, 3), np.float32))['score'].shape == (1,)
 
 
 def _free_port() -> int:

@@ -304,11 +304,14 @@ class _TrainAugment(grain.RandomMapTransform):
     hflip: bool
     color_jitter: bool
     rotate90: bool = False
+    jpeg_aligned: bool = False
 
     def random_map(self, element, rng: np.random.Generator):
         pixels = element['pixels']
         height, width = pixels.shape[:2]
         offset = preprocess.random_crop_offset(height, width, self.crop_size, rng)
+        if self.jpeg_aligned:
+            offset = preprocess.jpeg_aligned_offset(offset, height, width, self.crop_size)
         patch = preprocess.crop(pixels, offset, self.crop_size)
         if self.hflip and rng.random() < 0.5:
             patch = patch[:, ::-1]
@@ -330,6 +333,7 @@ class _EvalCrop(grain.MapTransform):
     crops: int
     mode: str
     seed: int
+    jpeg_aligned: bool = False
 
     def map(self, element):
         pixels, index, crop_id = element['pixels'], int(element['index']), int(element['crop'])
@@ -345,6 +349,8 @@ class _EvalCrop(grain.MapTransform):
         else:
             rng = np.random.default_rng([self.seed, index, crop_id])
             offset = preprocess.random_crop_offset(h, w, self.crop_size, rng)
+        if self.jpeg_aligned:
+            offset = preprocess.jpeg_aligned_offset(offset, h, w, self.crop_size)
         patch = preprocess.crop(pixels, offset, self.crop_size)
         return {'image': preprocess.normalize(patch), 'score': np.float32(element['score']),
                 'index': np.int32(index), 'mask': np.bool_(True)}
@@ -456,7 +462,8 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
                       global_batch_size: Optional[int] = None, seed: int = 0,
                       patches_per_image: int = 20, crop_size: int = 224,
                       resize: Any = preprocess.KONIQ_RESIZE, hflip: bool = True,
-                      color_jitter: bool = False, rotate90: bool = False, worker_count: int = 0,
+                      color_jitter: bool = False, rotate90: bool = False,
+                      jpeg_aligned_crops: bool = False, worker_count: int = 0,
                       shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                       cache: Any = False, num_epochs: Optional[int] = None,
                       read_threads: int = 16, worker_buffer_size: int = 2) -> Loader:
@@ -479,6 +486,10 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
         0.1, hue 0.05). rotate90: rotate by 0, 90, 180 or 270 degrees, each
         with p = 1/4 (with hflip: all 8 symmetries of the square crop); not in
         the paper, for training from scratch on few photos (configs/demo.py).
+      jpeg_aligned_crops: crop offsets 2 past a multiple of 4
+        (preprocess.jpeg_aligned_offset), so that the JPEG block edges of images
+        used at their stored size (resize None) fall inside Swin's patches, at
+        one place; not in the paper (configs/demo.py).
       worker_count: grain worker processes (0 = in this process). The caller's
         script needs an `if __name__ == '__main__':` guard for workers > 0.
       shard_index, shard_count: this host's shard; default jax.process_index()
@@ -508,7 +519,7 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
         # Only without a cache can an image fail here; dropping it keeps the
         # run alive (the warning names the file).
         None if reader.cache is not None else _HasPixels(),
-        _TrainAugment(crop_size, hflip, color_jitter, rotate90),
+        _TrainAugment(crop_size, hflip, color_jitter, rotate90, jpeg_aligned_crops),
         grain.Batch(per_host, drop_remainder=True),
     ]
     data_loader = grain.DataLoader(
@@ -523,7 +534,8 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
 def make_eval_loader(source: Any, *, batch_size: Optional[int] = None,
                      global_batch_size: Optional[int] = None, crops: int = 1,
                      crop_mode: str = 'center', seed: int = 0, crop_size: int = 224,
-                     resize: Any = preprocess.KONIQ_RESIZE, worker_count: int = 0,
+                     resize: Any = preprocess.KONIQ_RESIZE, jpeg_aligned_crops: bool = False,
+                     worker_count: int = 0,
                      shard_index: Optional[int] = None, shard_count: Optional[int] = None,
                      cache: Any = False, read_threads: int = 16) -> Loader:
     """One pass of deterministic crops of every image, in image order.
@@ -534,8 +546,8 @@ def make_eval_loader(source: Any, *, batch_size: Optional[int] = None,
         from (seed, image index, crop number): reproducible, independent of
         batch size, sharding and workers). SPEC 2 test: 'random' with 20 crops
         as released, 'center' as the reproducible option.
-      batch_size / global_batch_size, resize, crop_size, worker_count, shard_*,
-      cache: as in make_train_loader.
+      batch_size / global_batch_size, resize, crop_size, jpeg_aligned_crops,
+      worker_count, shard_*, cache: as in make_train_loader.
 
     Returns:
       Loader yielding {'image': float32 (B, crop, crop, 3), 'score': float32
@@ -564,7 +576,7 @@ def make_eval_loader(source: Any, *, batch_size: Optional[int] = None,
         shuffle=False, num_epochs=1)
     data_loader = grain.DataLoader(
         data_source=crop_source, sampler=sampler,
-        operations=[_EvalCrop(crop_size, crops, crop_mode, seed),
+        operations=[_EvalCrop(crop_size, crops, crop_mode, seed, jpeg_aligned_crops),
                     grain.Batch(per_host, drop_remainder=False)],
         worker_count=worker_count,
         read_options=grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * per_host))

@@ -53,6 +53,9 @@ class ModelConfig:
       attention: Swin window attention implementation: 'xla' (any device), 'pallas'
         (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused attention; a CUDA GPU and
         bfloat16). Same parameters whichever it is.
+      patch_norm: the LayerNorm after Swin's patch embedding. True in every released
+        model; False (the demo's choice) leaves it out, and the export then lacks its
+        two tensors (torch_reference.SmartIQATorch(patch_norm=False) loads it).
     """
 
     variant: str = 'tiny'
@@ -64,6 +67,7 @@ class ModelConfig:
     label_range: tuple[float, float] = (0.0, 100.0)
     dtype: str = 'float32'
     attention: str = 'xla'
+    patch_norm: bool = True
 
     def __post_init__(self):
         variant = get_variant(self.variant)
@@ -189,7 +193,8 @@ class SmartIQA(nnx.Module):
         dtype = jnp.bfloat16 if config.dtype == 'bfloat16' else None
         dims = variant.stage_dims
         self.backbone = swin.SwinTransformer(variant, drop_path_rate=config.drop_path_rate,
-                                             rngs=rngs, dtype=dtype, attention=config.attention)
+                                             rngs=rngs, dtype=dtype, attention=config.attention,
+                                             patch_norm=config.patch_norm)
         # Local-distortion-aware branches (SPEC 1.2): 1x1 convs as Linears over channels.
         self.lda_convs = nnx.List([
             _linear(dims[i], LDA_CHANNELS[i], rngs, use_bias=False) for i in range(3)])

@@ -323,19 +323,21 @@ class PatchMerging(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """4x4 stride-4 conv 3->C, then LayerNorm."""
+    """4x4 stride-4 conv 3->C, then LayerNorm (left out with norm=False)."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype=None, norm: bool = True):
         fan_in = 3 * PATCH * PATCH
         self.proj = nnx.Conv(3, dim, (PATCH, PATCH), strides=(PATCH, PATCH), padding='VALID',
                              kernel_init=init.torch_default_kernel(),
                              bias_init=init.torch_default_bias(fan_in), dtype=dtype, rngs=rngs)
-        self.norm = layer_norm(dim, rngs=rngs)
+        self.norm = layer_norm(dim, rngs=rngs) if norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Stage 0's residual stream in the dtype the compute-dtype Linears write, as the
         # later stages' (each starts with PatchMerging's Linear): bf16 on a GPU.
-        x = self.norm(self.proj(x))
+        x = self.proj(x)
+        if self.norm is not None:
+            x = self.norm(x)
         if self.proj.dtype is not None:
             x = x.astype(matmul_output_dtype(self.proj.dtype) or self.proj.dtype)
         return x
@@ -370,10 +372,13 @@ class SwinTransformer(nnx.Module):
         Parameters stay fp32.
       attention: window attention implementation, 'xla', 'pallas' or 'cudnn' (see
         WindowAttention).
+      patch_norm: LayerNorm after the patch embedding (Swin's, and every released model's).
+        Without it stage 0 keeps the amplitude of each 4x4 patch's response, which a
+        narrow Swin trained from scratch needs to tell noise levels apart (the demo).
     """
 
     def __init__(self, variant: Variant, *, drop_path_rate: float = 0.0, img_size: int = 224,
-                 rngs: nnx.Rngs, dtype=None, attention: str = 'xla'):
+                 rngs: nnx.Rngs, dtype=None, attention: str = 'xla', patch_norm: bool = True):
         dims = variant.stage_dims
         resolutions = [img_size // PATCH // 2**i for i in range(4)]
         for r in resolutions:
@@ -381,7 +386,7 @@ class SwinTransformer(nnx.Module):
                 raise ValueError(f'img_size {img_size} gives a {r}x{r} stage that does not tile '
                                  f'into {WINDOW}x{WINDOW} windows; use 224')
         rates = np.linspace(0.0, drop_path_rate, sum(variant.depths)).tolist()
-        self.patch_embed = PatchEmbed(dims[0], rngs=rngs, dtype=dtype)
+        self.patch_embed = PatchEmbed(dims[0], rngs=rngs, dtype=dtype, norm=patch_norm)
         stages = []
         for i in range(4):
             start = sum(variant.depths[:i])
