@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (any device), 'pallas' (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused
     # attention; GPUs, bfloat16). See the README's GPU section for what each gains.
     config.model.attention = 'xla'
-    config.model.patch_norm = True           # Swin's LayerNorm after the patch embedding (demo: off)
+    config.model.patch_norm = True           # LayerNorm after the patch embedding (demo: off)
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = 'koniq10k'

@@ -189,7 +189,8 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
         compiled(state, x).block_until_ready()
         seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
         row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   devices=jax.device_count(), micro_batch=micro_batch, attention=attention, jax_images_per_s=batch / seconds,
+                   devices=jax.device_count(), micro_batch=micro_batch, attention=attention,
+                   jax_images_per_s=batch / seconds,
                    **utilisation(flops, batch, seconds, peak))
         if reference is not None:
             xt = side.tensor(images, nchw=True)

@@ -361,6 +361,10 @@ class Scorer:
     the full batch with zeros (the model scores each crop on its own, so padding changes
     no real score), and returns per-image means over the crops as float64 numpy:
     {'score': (n,) on the label scale, 'stage_weights': (n, 4) fractions, or None}.
+
+    With several local devices (GPUs, or a CPU split by `--cpu-devices`) the crops of a
+    batch are sharded over all of them when their count divides by the devices', else
+    one device scores them; `devices` says which.
     """
 
     def __init__(self, model, batch_images: int, crops: int, crop_size: int = CROP_SIZE):
@@ -373,6 +377,16 @@ class Scorer:
         self.config = model.config
         self._graphdef, self._state = nnx.split(nnx.view(model, deterministic=True))
         self._forward = _jitted_forward()
+        import jax
+        devices = jax.local_devices()
+        self._batch_sharding = None
+        self.devices = 1
+        if len(devices) > 1 and batch_images * crops % len(devices) == 0:
+            from smartiqa_jax import sharding
+            mesh = sharding.make_mesh(devices)
+            self._state = jax.device_put(self._state, sharding.replicated(mesh))
+            self._batch_sharding = sharding.batch_sharding(mesh)
+            self.devices = len(devices)
 
     @property
     def compilations(self) -> int:
@@ -386,6 +400,9 @@ class Scorer:
                              f'{self.crop_size}, {self.crop_size}, 3), got {crops.shape}')
         batch = np.zeros((self.batch_images * self.crops,) + crops.shape[2:], np.float32)
         batch[:n * self.crops] = crops.reshape((-1,) + crops.shape[2:])
+        if self._batch_sharding is not None:
+            import jax
+            batch = jax.device_put(batch, self._batch_sharding)
         scores, weights = self._forward(self._graphdef, self._state, batch)
         # Crop means on the host in float64: the same sum whatever the batch holds.
         scores = np.asarray(scores, np.float64)[:n * self.crops].reshape(n, self.crops).mean(1)
@@ -559,6 +576,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="crop offsets 2 past a multiple of 4, so JPEG block edges fall "
                              "inside the 4x4 patches; default: the checkpoint's training config "
                              "(data.jpeg_aligned_crops, the demo's), else off")
+    parser.add_argument('--cpu-devices', type=int, default=0,
+                        help='split the CPU into this many JAX devices and shard each batch '
+                             'over them (2 on a 2-core CPU: about 1.3x the images/s); '
+                             'default 0, one device')
     parser.add_argument('--batch-size', type=int, default=8,
                         help='images per model call (x crops = crops per call); default 8')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
@@ -577,8 +598,12 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
 
     Raises UsageError for a missing or unusable checkpoint and bad flag combinations.
     """
-    from smartiqa_jax import checkpoint
+    from smartiqa_jax import checkpoint, sharding
 
+    try:   # before anything starts JAX
+        sharding.set_cpu_devices(getattr(args, 'cpu_devices', 0))
+    except ValueError as e:
+        raise UsageError(f'--cpu-devices: {e}') from None
     crops = args.crops if args.crops is not None else (1 if args.crop_mode == 'center' else DEFAULT_CROPS)
     if args.resize is not None:
         parse_resize(args.resize)  # a bad value fails before the checkpoint is loaded
@@ -681,9 +706,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     elapsed = time.perf_counter() - start
     mean = f'{total_score / scored:.3f}' if scored else 'n/a'
     where = f' -> {os.path.abspath(args.output)}' if args.output else ''
+    on = f' on {scorer.devices} devices' if scorer.devices > 1 else ''
     print(f'scored {scored} image{"s" if scored != 1 else ""}, failed {failed}; '
-          f'mean score {mean}; {elapsed:.1f} s, {scored / max(elapsed, 1e-9):.2f} images/s{where}',
-          file=sys.stderr)
+          f'mean score {mean}; {elapsed:.1f} s, {scored / max(elapsed, 1e-9):.2f} images/s{on}'
+          f'{where}', file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -20,7 +20,8 @@ _PROBE = textwrap.dedent('''
     a = np.ones(32 << 20); del a
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = np.ones(32 << 20); del a
-    print(os.environ.get('GLIBC_TUNABLES'), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    print(os.environ.get('GLIBC_TUNABLES'), after - before)
 ''')
 
 

@@ -135,6 +135,26 @@ def test_scores_do_not_depend_on_batch_neighbours_and_repeat(ckpt, folder, tmp_p
     assert other_seed[paths[0]]['score'] != alone[paths[0]]['score']
 
 
+def test_cpu_devices_shard_the_batch_and_give_the_same_scores(ckpt, folder, tmp_path):
+    # The device count is fixed when JAX starts, so the 2-device run is its own process.
+    import subprocess
+    import sys
+    paths = [str(folder / n) for n in ('photo.jpg', 'gray.png', 'rgba.png', 'sub/nested.jpg')]
+    flags = ['--checkpoint', ckpt, *paths, '--batch-size', '2', '--crops', '3', '--no-progress']
+    assert predict.main([*flags, '--output', str(tmp_path / 'one.csv')]) == 0
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'SMARTIQA_JAX_MALLOC': 'system'}
+    run = subprocess.run([sys.executable, '-m', 'smartiqa_jax.predict', *flags, '--cpu-devices',
+                          '2', '--output', str(tmp_path / 'two.csv')], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert 'images/s on 2 devices' in run.stderr
+    one, two = (_read_csv(tmp_path / f'{n}.csv') for n in ('one', 'two'))
+    assert [r['path'] for r in one] == [r['path'] for r in two] == paths
+    for a, b in zip(one, two):
+        assert float(a['score']) == pytest.approx(float(b['score']), abs=1e-4)
+        assert float(a['weight_stage1']) == pytest.approx(float(b['weight_stage1']), abs=1e-5)
+
+
 def test_one_compilation_for_many_batches(ckpt, folder):
     model = checkpoint.load(ckpt)
     prep = predict.Preprocessing(crops=1, crop_mode='center')
