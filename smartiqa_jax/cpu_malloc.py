@@ -13,8 +13,8 @@ the process instead:
   trim_threshold   (64 GiB) the heap is not handed back to the kernel when freed
 
 glibc reads tunables only when a process starts, so the command-line entry points
-(`python -m smartiqa_jax.train`, `smartiqa train|predict|evaluate`) re-execute
-themselves once with GLIBC_TUNABLES set, before any computation, when all of:
+(`smartiqa train|predict|evaluate`, `python -m smartiqa_jax.train|predict|evaluate`)
+re-execute themselves once with GLIBC_TUNABLES set, before any computation, when all of:
 
 - the process runs on Linux with glibc 2.35 or newer (`hugetlb` is 2.35's);
 - JAX will run on the CPU: JAX_PLATFORMS names only `cpu`, or no GPU/TPU plugin is

@@ -327,4 +327,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
+    from smartiqa_jax import cpu_malloc
+    cpu_malloc.reexec_with_tunables()
     sys.exit(main())
