@@ -33,8 +33,10 @@ minutes. Three changes of session 7 made the difference, measured in full runs:
   best val 0.76 (epoch 9; validation 0.74-0.76 over epochs 8-10 against
   0.66-0.70 on one device), test 0.84; JPEG on test 0.76, the training photos
   ranked at 0.91 overall. Seed 1: best val 0.67 (epoch 9, still rising), test
-  0.78. So the two changes above are worth about +0.2 over the session-6
-  config, and runs of it spread by about +-0.05.
+  0.78; seed 2: best val 0.65 (epoch 8), test 0.74 (8 min 9 s). So the two
+  changes above are worth about +0.15-0.2 over the session-6 config (test
+  0.62 / 0.59 for seeds 0 / 1), and runs of it spread by about +-0.05: 0.79
+  over three seeds.
 - Not used: 12 epochs instead of 10 (seed 0): best val 0.68 (epoch 10), test
   0.83, in 10 min 18 s (the VM was slower then, 42 s an epoch): no gain, and
   over the budget.
