@@ -56,24 +56,25 @@ def _runs_on_cpu(environ) -> bool:
         return {p.strip().lower() for p in platforms.split(',') if p.strip()} == {'cpu'}
     # JAX finds GPU plugins through the 'jax_plugins' entry points or namespace package
     # (jax-cuda12-plugin, jax-rocm...), and TPUs through libtpu.
-    if importlib.metadata.entry_points(group='jax_plugins'):
+    if importlib.metadata.entry_points(group='jax_plugins') or _spec('libtpu'):
         return False
-    for module in ('jax_plugins', 'libtpu'):
-        try:
-            spec = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            continue
-        if spec is not None and (module == 'libtpu' or any(
-                _has_modules(path) for path in spec.submodule_search_locations or ())):
-            return False
-    return True
+    namespace = _spec('jax_plugins')
+    folders = namespace.submodule_search_locations or () if namespace else ()
+    return not any(name != '__pycache__' for folder in folders for name in _listdir(folder))
 
 
-def _has_modules(folder: str) -> bool:
+def _spec(module: str):
     try:
-        return any(name != '__pycache__' for name in os.listdir(folder))
+        return importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
     except OSError:
-        return False
+        return []
 
 
 def reason_not_to_reexec(environ=None) -> str | None:

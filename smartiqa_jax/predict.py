@@ -379,13 +379,13 @@ class Scorer:
         self._forward = _jitted_forward()
         import jax
         devices = jax.local_devices()
-        self._batch_sharding = None
+        self._place = lambda batch: batch      # one device: jit takes the host array
         self.devices = 1
         if len(devices) > 1 and batch_images * crops % len(devices) == 0:
             from smartiqa_jax import sharding
             mesh = sharding.make_mesh(devices)
             self._state = jax.device_put(self._state, sharding.replicated(mesh))
-            self._batch_sharding = sharding.batch_sharding(mesh)
+            self._place = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
             self.devices = len(devices)
 
     @property
@@ -400,10 +400,7 @@ class Scorer:
                              f'{self.crop_size}, {self.crop_size}, 3), got {crops.shape}')
         batch = np.zeros((self.batch_images * self.crops,) + crops.shape[2:], np.float32)
         batch[:n * self.crops] = crops.reshape((-1,) + crops.shape[2:])
-        if self._batch_sharding is not None:
-            import jax
-            batch = jax.device_put(batch, self._batch_sharding)
-        scores, weights = self._forward(self._graphdef, self._state, batch)
+        scores, weights = self._forward(self._graphdef, self._state, self._place(batch))
         # Crop means on the host in float64: the same sum whatever the batch holds.
         scores = np.asarray(scores, np.float64)[:n * self.crops].reshape(n, self.crops).mean(1)
         if weights is not None:
