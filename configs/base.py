@@ -39,10 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
     # Init of the backbone's Linears when it trains from scratch: 'timm'
     # (trunc-normal 0.02, as released) or 'fan_in' (std 1/sqrt(fan_in); narrow Swins).
     config.model.backbone_init = 'timm'
-    # How Swin's window attention is computed (same parameters and results): 'xla'
-    # (any device), 'pallas' (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused
-    # attention; GPUs, bfloat16). See the README's GPU section for what each gains.
-    config.model.attention = 'xla'
+    # How Swin's window attention is computed (same parameters and results): 'auto'
+    # ('pallas' with bfloat16 compute on an NVIDIA GPU from Ampere on, else 'xla'),
+    # 'xla' (any device), 'pallas' (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's
+    # fused attention; GPUs, bfloat16). The README's model section says what each gains.
+    config.model.attention = 'auto'
     config.model.patch_norm = True           # LayerNorm after the patch embedding (demo: off)
 
     config.data = ml_collections.ConfigDict()

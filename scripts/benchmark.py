@@ -151,8 +151,9 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, min_seconds: float = 3.0) -> f
 
 
 def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None,
-                attention: str = 'xla', abstract: bool = False):
-    """(model, state, jitted forward); `abstract`: shapes only, for lowering."""
+                attention: str = 'xla', abstract: bool = False, mesh=None):
+    """(model, state, jitted forward) traced under `mesh`; `abstract`: shapes only, for
+    lowering."""
     def build():
         return SmartIQA(ModelConfig(variant, fusion, dtype=dtype, attention=attention),
                         rngs=nnx.Rngs(0))
@@ -161,37 +162,37 @@ def jax_forward(variant: str, fusion: str, dtype: str, micro_batch: int | None,
 
     @jax.jit
     def forward(state, x):
-        return nnx.merge(graphdef, state)(x, micro_batch=micro_batch)['score']
+        with sharding.tracing_mesh(mesh):
+            return nnx.merge(graphdef, state)(x, micro_batch=micro_batch)['score']
 
     return model, state, forward
 
 
 def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, torch_too: bool,
                   min_seconds: float, peak: float, micro_batch: int | None, report,
-                  attention: str = 'xla') -> None:
-    model, state, forward = jax_forward(variant, fusion, dtype, micro_batch, attention)
+                  attentions: tuple[str, ...] = ('xla',)) -> None:
+    """Inference images/s for each window-attention implementation in `attentions` (same
+    weights: the model is built once, the others only as graphs) and PyTorch's."""
+    mesh = sharding.make_mesh()
+    model, state, forward = jax_forward(variant, fusion, dtype, micro_batch, attentions[0],
+                                        mesh=mesh)
+    forwards = {a: forward if a == attentions[0]
+                else jax_forward(variant, fusion, dtype, micro_batch, a, True, mesh)[2]
+                for a in attentions}
     # FLOPs are counted on the plain program: no lax.map, no fused-attention custom call.
-    plain = (jax_forward(variant, fusion, dtype, None, abstract=True)[2]
-             if micro_batch or attention != 'xla' else forward)
+    plain = (forwards['xla'] if 'xla' in forwards and not micro_batch
+             else jax_forward(variant, fusion, dtype, None, abstract=True, mesh=mesh)[2])
     side = reference = None
     if torch_too:
         side = Torch(dtype)
         reference = side.reference(variant, fusion, model).eval()
-    mesh = sharding.make_mesh()
     state = jax.device_put(state, sharding.replicated(mesh))
     for batch in batches:
         images = np.random.default_rng(0).standard_normal((batch, 224, 224, 3)).astype(np.float32)
         x = jax.device_put(images, sharding.batch_sharding(mesh))
-        lowered = forward.lower(state, x)
-        compiled = lowered.compile()
         # XLA's FLOP count of the plain forward (a lax.map body would be counted only once).
-        flops = program_flops(lowered if plain is forward else plain.lower(state, x))
-        compiled(state, x).block_until_ready()
-        seconds = timed(lambda: compiled(state, x).block_until_ready(), min_seconds=min_seconds)
-        row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   devices=jax.device_count(), micro_batch=micro_batch, attention=attention,
-                   jax_images_per_s=batch / seconds,
-                   **utilisation(flops, batch, seconds, peak))
+        flops = program_flops(plain.lower(state, x))
+        torch_row = {}
         if reference is not None:
             xt = side.tensor(images, nchw=True)
 
@@ -201,9 +202,23 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
                 side.sync()
 
             run_torch()
-            row['torch_images_per_s'] = batch / timed(run_torch, min_seconds=min_seconds)
-            row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
-        report(row)
+            torch_row['torch_images_per_s'] = batch / timed(run_torch, min_seconds=min_seconds)
+        for attention, fn in forwards.items():
+            compiled = fn.lower(state, x).compile()
+            compiled(state, x).block_until_ready()
+            seconds = timed(lambda: compiled(state, x).block_until_ready(),
+                            min_seconds=min_seconds)
+            row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
+                       devices=jax.device_count(), micro_batch=micro_batch, attention=attention,
+                       jax_images_per_s=batch / seconds,
+                       **utilisation(flops, batch, seconds, peak), **torch_row)
+            report(_with_ratio(row))
+
+
+def _with_ratio(row: dict) -> dict:
+    if 'torch_images_per_s' in row:
+        row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
+    return row
 
 
 def _base_recipe():
@@ -241,11 +256,12 @@ def train_step_setup(variant: str, fusion: str, dtype: str, attention: str = 'xl
     return config, mesh, train_graphdef, params, state, _jitted_step(train_graphdef, tx, mesh, state)
 
 
-def plain_train_step(variant: str, fusion: str, dtype: str, state, mesh):
-    """The same train step with XLA's window attention, for counting FLOPs (XLA does not
-    count a fused kernel's); only its graph is built, the state is the benchmark's."""
-    abstract = nnx.eval_shape(lambda: SmartIQA(ModelConfig(variant, fusion, dtype=dtype),
-                                               rngs=nnx.Rngs(0)))
+def graph_train_step(variant: str, fusion: str, dtype: str, state, mesh, attention: str = 'xla'):
+    """The same train step with another window attention (by default XLA's, whose FLOPs
+    XLA counts, unlike a fused kernel's): only its graph is built; the parameters and
+    optimiser state are the benchmark's."""
+    abstract = nnx.eval_shape(lambda: SmartIQA(
+        ModelConfig(variant, fusion, dtype=dtype, attention=attention), rngs=nnx.Rngs(0)))
     abstract.train()
     graphdef, _ = nnx.split(abstract, nnx.Param)
     return _jitted_step(graphdef, _base_recipe()[1], mesh, state)
@@ -287,13 +303,15 @@ class Stepper:
 
 def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
                      torch_too: bool, min_seconds: float, peak: float, report,
-                     attention: str = 'xla') -> None:
-    """Training images/s: the trainer's jitted step against the same recipe in PyTorch
-    (L1 loss, SPEC 2)."""
+                     attentions: tuple[str, ...] = ('xla',)) -> None:
+    """Training images/s: the trainer's jitted step, for each window-attention
+    implementation in `attentions` (same weights and optimiser state), against the same
+    recipe in PyTorch (L1 loss, SPEC 2)."""
     config, mesh, train_graphdef, params, state, step = train_step_setup(variant, fusion, dtype,
-                                                                         attention)
-    flop_step = (step if attention == 'xla'
-                 else plain_train_step(variant, fusion, dtype, state, mesh))
+                                                                         attentions[0])
+    steps = {a: step if a == attentions[0]
+             else graph_train_step(variant, fusion, dtype, state, mesh, a) for a in attentions}
+    flop_step = steps.get('xla') or graph_train_step(variant, fusion, dtype, state, mesh)
     torch_step = None
     if torch_too:
         side = Torch(dtype)
@@ -318,33 +336,33 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
     for batch in batches:
         images, scores, data = train_batch(batch, mesh)
         # Forward, backward and AdamW as XLA counts them (the step's whole program).
-        lowered = step.lower(state, data)
-        flops = program_flops(lowered if flop_step is step else flop_step.lower(state, data))
-        t = time.perf_counter()
-        compiled = lowered.compile()
-        print(f'  compiled the train step for batch {batch} in {time.perf_counter() - t:.0f} s',
-              flush=True)
-        stepper = Stepper(compiled, state, data)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        seconds = timed(stepper.run, min_seconds=min_seconds, calls=STEPS_IN_FLIGHT,
-                        wait=stepper.wait)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-        state = stepper.state
-        row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                   devices=jax.device_count(), micro_batch=None, attention=attention,
-                   jax_images_per_s=batch / seconds,
-                   # host memory freshly mapped per step (BENCHMARKS.md, "Page faults")
-                   jax_page_faults_per_step=faults / stepper.steps,
-                   **utilisation(flops, batch, seconds, peak))
+        flops = program_flops(flop_step.lower(state, data))
+        torch_row = {}
         if torch_step is not None:
             x, y = side.tensor(images, nchw=True), side.tensor(scores)
             torch_step(x, y)
             side.sync()
-            row['torch_images_per_s'] = batch / timed(lambda: torch_step(x, y),
-                                                      min_seconds=min_seconds,
-                                                      calls=STEPS_IN_FLIGHT, wait=side.sync)
-            row['jax_over_torch'] = row['jax_images_per_s'] / row['torch_images_per_s']
-        report(row)
+            torch_row['torch_images_per_s'] = batch / timed(
+                lambda: torch_step(x, y), min_seconds=min_seconds, calls=STEPS_IN_FLIGHT,
+                wait=side.sync)
+        for attention, jitted in steps.items():
+            t = time.perf_counter()
+            compiled = jitted.lower(state, data).compile()
+            print(f'  compiled the train step ({attention} attention) for batch {batch} in '
+                  f'{time.perf_counter() - t:.0f} s', flush=True)
+            stepper = Stepper(compiled, state, data)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            seconds = timed(stepper.run, min_seconds=min_seconds, calls=STEPS_IN_FLIGHT,
+                            wait=stepper.wait)
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            state = stepper.state
+            row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
+                       devices=jax.device_count(), micro_batch=None, attention=attention,
+                       jax_images_per_s=batch / seconds,
+                       # host memory freshly mapped per step (BENCHMARKS.md, "Page faults")
+                       jax_page_faults_per_step=faults / stepper.steps,
+                       **utilisation(flops, batch, seconds, peak), **torch_row)
+            report(_with_ratio(row))
 
 
 def goal_bound(row: dict, best_peak: float) -> dict:
@@ -389,8 +407,10 @@ def main():
     parser.add_argument('--batches', nargs='+', type=int, default=[8, 32])
     parser.add_argument('--fusion', default='attention')
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-    parser.add_argument('--attention', default='xla', choices=['xla', 'cudnn', 'pallas'],
-                        help="Swin window attention: XLA's, or cuDNN's fused kernel (GPU, bf16)")
+    parser.add_argument('--attention', nargs='+', default=['xla'],
+                        choices=['xla', 'cudnn', 'pallas'],
+                        help="Swin window attention: XLA's, the Pallas kernels (GPU) or cuDNN's "
+                             "fused kernel (GPU, bf16); several are timed in turn, same weights")
     parser.add_argument('--micro-batch', type=int, default=0,
                         help='JAX: run the high-resolution stages this many images at a time '
                              '(0: off); see SwinTransformer.__call__')
@@ -430,10 +450,11 @@ def main():
     for variant in args.variants:
         if args.train:
             bench_train_step(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
-                             args.min_seconds, peak, report, args.attention)
+                             args.min_seconds, peak, report, tuple(args.attention))
         else:
             bench_variant(variant, args.batches, args.fusion, args.dtype, not args.no_torch,
-                          args.min_seconds, peak, args.micro_batch or None, report, args.attention)
+                          args.min_seconds, peak, args.micro_batch or None, report,
+                          tuple(args.attention))
 
 
 if __name__ == '__main__':

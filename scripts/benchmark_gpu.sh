@@ -4,14 +4,19 @@
 #   bash scripts/benchmark_gpu.sh [OUT_DIR]
 #
 # 1. a quick check that JAX sees the GPU and the model runs (fails fast otherwise);
-# 2. the train step with the Pallas kernels, Swin-Base, bf16, batch 128, against PyTorch in
-#    the same run; then window attention alone: XLA against the Pallas kernels, with a sweep
-#    of their launch settings (scripts/benchmark_attention.py);
-# 3. the training step, Swin-Base, bf16, batch 32/64/128: JAX vs PyTorch (autocast), MFU;
-# 4. inference, tiny and base, bf16, batch 32/128; 5. inference, base, fp32 (TF32), batch 32.
-# About 16 minutes in all on an H200: more than one lent session has, so the parts are in
-# order of what is least known. Each part has its own time limit and writes its JSON
-# as rows come in, so a run cut short keeps what it measured.
+# 2. the train step, Swin-Base, bf16, batch 128: XLA's window attention and the Pallas
+#    kernels in one process (same weights), against PyTorch (autocast) on the same card;
+# 3. the train step with the Pallas kernels at batch 32 and 64, against PyTorch;
+# 4. inference, Swin-Base, bf16, batch 128: XLA and Pallas, against PyTorch;
+# 5. window attention alone, XLA against the Pallas kernels with a sweep of their launch
+#    settings (scripts/benchmark_attention.py).
+# Parts 1-4 take about 9.5 minutes on an H200 (building Swin-Base and its PyTorch twin
+# takes about a minute, compiling its train step about 70 s per batch size and
+# attention), so they fit one 10-minute device call; part 5 runs in whatever time is
+# left. Each part has its own time limit and writes its JSON as rows come in, so a run
+# cut short keeps what it measured. Earlier figures (tiny, fp32) came from
+# `benchmark.py --variants tiny base --batches 32 128 --dtype bfloat16` and
+# `benchmark.py --variants base --batches 32 --dtype float32`.
 set -u
 mkdir -p "${1:-benchmark_gpu}"
 out=$(cd "${1:-benchmark_gpu}" && pwd)
@@ -39,13 +44,12 @@ bench() {  # seconds, json name, benchmark.py arguments...
     timeout "$limit" python3 scripts/benchmark.py --json "$out/$name.json" "$@" \
         || echo "== ended with status $? (124: time limit)"
 }
-# On an H200 (2026-11-26): building Swin-Base and its PyTorch twin took about a minute and
-# compiling its train step about 70 s per batch size; 260 s covered only batch 32.
-# First the one figure no session has yet: the whole train step with the Pallas kernels.
-bench 240 train_pallas --train --variants base --batches 128 --dtype bfloat16 --attention pallas --min-seconds 3
+bench 270 train_b128 --train --variants base --batches 128 --dtype bfloat16 --attention xla pallas \
+    --min-seconds 3
+bench 200 train_pallas --train --variants base --batches 32 64 --dtype bfloat16 --attention pallas \
+    --min-seconds 3
+bench 100 infer_b128 --variants base --batches 128 --dtype bfloat16 --attention xla pallas \
+    --min-seconds 2
 echo "== benchmark_attention.py (limit 120s)"
 timeout 120 python3 scripts/benchmark_attention.py --variant base --batch 128 --impls xla pallas \
     --pallas-windows 4 64 --pallas-warps 8 --json "$out/attention.json" || echo "== ended with status $?"
-bench 390 train_bf16 --train --variants base --batches 32 64 128 --dtype bfloat16 --min-seconds 3
-bench 150 infer_bf16 --variants tiny base --batches 32 128 --dtype bfloat16 --min-seconds 2
-bench 80 infer_fp32 --variants base --batches 32 --dtype float32 --min-seconds 2

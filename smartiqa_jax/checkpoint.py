@@ -124,14 +124,15 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
 
     `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.
     The window attention implementation the checkpoint was trained with is not kept:
-    the model computes it with 'xla', which runs anywhere, unless `attention=` is given
-    ('pallas' or 'cudnn' on a GPU).
+    the model takes 'auto', the best one for this machine and `dtype` (the Pallas
+    kernels for bfloat16 on a recent NVIDIA GPU, else XLA's), unless `attention=` is
+    given.
     """
     directory = find_checkpoint(path)
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
             MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
-        config_dict = {**config_dict, 'attention': 'xla'}
+        config_dict = {**config_dict, 'attention': 'auto'}
         config = ModelConfig.from_dict({**config_dict, **config_overrides})
         # Shapes only: every value is about to be overwritten by the checkpoint's.
         model = nnx.eval_shape(lambda: SmartIQA(config, rngs=nnx.Rngs(0)))

@@ -342,16 +342,19 @@ def _jitted_forward():
     import jax
     from flax import nnx
 
-    def forward(graphdef, state, images):
+    from smartiqa_jax import sharding
+
+    def forward(graphdef, mesh, state, images):
         _TRACES[0] += 1  # runs only while tracing
-        out = nnx.merge(graphdef, state)(images)
+        with sharding.tracing_mesh(mesh):
+            out = nnx.merge(graphdef, state)(images)
         return out['score'], out['stage_weights']
 
-    # One jitted function for the process, the graph structure static: scorers of the
-    # same model and batch shape (predict, then evaluate on several datasets) share one
-    # compiled program. The state is an argument, not a closed-over constant, so XLA does
-    # not fold (and copy) the weights into the program.
-    return jax.jit(forward, static_argnums=0)
+    # One jitted function for the process, the graph structure (and the mesh, or None)
+    # static: scorers of the same model and batch shape (predict, then evaluate on several
+    # datasets) share one compiled program. The state is an argument, not a closed-over
+    # constant, so XLA does not fold (and copy) the weights into the program.
+    return jax.jit(forward, static_argnums=(0, 1))
 
 
 class Scorer:
@@ -380,12 +383,14 @@ class Scorer:
         import jax
         devices = jax.local_devices()
         self._place = lambda batch: batch      # one device: jit takes the host array
+        self._mesh = None
         self.devices = 1
         if len(devices) > 1 and batch_images * crops % len(devices) == 0:
             from smartiqa_jax import sharding
-            mesh = sharding.make_mesh(devices)
-            self._state = jax.device_put(self._state, sharding.replicated(mesh))
-            self._place = functools.partial(jax.device_put, device=sharding.batch_sharding(mesh))
+            self._mesh = sharding.make_mesh(devices)
+            self._state = jax.device_put(self._state, sharding.replicated(self._mesh))
+            self._place = functools.partial(jax.device_put,
+                                            device=sharding.batch_sharding(self._mesh))
             self.devices = len(devices)
 
     @property
@@ -400,7 +405,8 @@ class Scorer:
                              f'{self.crop_size}, {self.crop_size}, 3), got {crops.shape}')
         batch = np.zeros((self.batch_images * self.crops,) + crops.shape[2:], np.float32)
         batch[:n * self.crops] = crops.reshape((-1,) + crops.shape[2:])
-        scores, weights = self._forward(self._graphdef, self._state, self._place(batch))
+        scores, weights = self._forward(self._graphdef, self._mesh, self._state,
+                                        self._place(batch))
         # Crop means on the host in float64: the same sum whatever the batch holds.
         scores = np.asarray(scores, np.float64)[:n * self.crops].reshape(n, self.crops).mean(1)
         if weights is not None:
@@ -581,9 +587,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help='images per model call (x crops = crops per call); default 8')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                         help="compute dtype (default: the checkpoint's)")
-    parser.add_argument('--attention', choices=('xla', 'pallas', 'cudnn'), default='xla',
-                        help='window attention kernel: xla (default, any device), pallas '
-                             '(GPUs) or cudnn (GPUs, with --dtype bfloat16)')
+    parser.add_argument('--attention', choices=('auto', 'xla', 'pallas', 'cudnn'),
+                        default='auto',
+                        help='window attention kernel: auto (default: pallas with --dtype '
+                             'bfloat16 on an NVIDIA GPU from Ampere on, else xla), xla (any '
+                             'device), pallas (GPUs) or cudnn (GPUs, with --dtype bfloat16)')
     parser.add_argument('--workers', type=int, default=0,
                         help='image decoding threads (default min(4, CPUs))')
     parser.add_argument('--max-pixels', type=int, default=None,
@@ -623,7 +631,7 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     prep = Preprocessing(resize=resize, crops=crops, crop_mode=args.crop_mode, seed=args.seed,
                          max_pixels=args.max_pixels, jpeg_aligned=jpeg_aligned)
     overrides = {'dtype': args.dtype} if args.dtype else {}
-    if args.attention != 'xla':
+    if args.attention != 'auto':
         from smartiqa_jax.models import swin
         try:   # here, not per batch: every file would fail with the same error
             swin.check_attention_backend(args.attention)
@@ -635,8 +643,9 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
         raise UsageError(f'--checkpoint {args.checkpoint}: {e}') from None
     c = model.config
-    print(f'model: SMART-IQA {c.variant}/{c.fusion} from {directory} ({c.label_name}); '
-          f'{prep.describe()} [{source}]', file=log or sys.stderr)
+    print(f'model: SMART-IQA {c.variant}/{c.fusion} from {directory} ({c.label_name}), '
+          f'{c.dtype}, {model.backbone.attention} window attention; {prep.describe()} '
+          f'[{source}]', file=log or sys.stderr)
     return model, prep, directory
 
 

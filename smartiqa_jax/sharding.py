@@ -9,6 +9,7 @@ array, so the jitted step sees exactly the batch a single device would.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Mapping
 
 import jax
@@ -72,6 +73,19 @@ def make_mesh(devices=None) -> Mesh:
     devices = jax.devices() if devices is None else list(devices)
     return jax.make_mesh((len(devices),), (DATA_AXIS,),
                          axis_types=(AxisType.Auto,), devices=devices)
+
+
+def tracing_mesh(mesh: Mesh | None):
+    """A context in which jitted code is traced knowing `mesh` (its abstract form).
+
+    Data parallelism needs no more than input shardings, except for code that XLA cannot
+    split over devices: the Pallas window attention kernels, which then run per device
+    under `jax.shard_map` (`swin.window_attention_pallas`). The train, eval and scoring
+    steps trace their model inside this. None: no mesh (one device).
+    """
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -565,7 +565,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         say(f'Resumed from step {step} in {checkpoints.directory}')
 
     counts = optim.count_by_group(state.params)
-    say(f'SMART-IQA {model_config.variant}/{model_config.fusion} on {config.data.dataset}: '
+    from smartiqa_jax.models.swin import resolve_attention
+    attention = resolve_attention(model_config.attention, model_config.dtype)
+    say(f'SMART-IQA {model_config.variant}/{model_config.fusion} ({model_config.dtype}, '
+        f'{attention} window attention) on {config.data.dataset}: '
         f'{feed.num_images} training images, {steps_per_epoch} steps/epoch of '
         f'{config.train.batch_size}, {config.train.num_epochs} epochs; '
         f'{jax.device_count()} {jax.devices()[0].platform} device(s), '

@@ -56,7 +56,8 @@ def make_train_step(train_graphdef: nnx.GraphDef, tx: optax.GradientTransformati
 
         def loss_of(params):
             model = nnx.merge(train_graphdef, params)
-            scores = model(batch['image'], rngs=nnx.Rngs(dropout=key))['score']
+            with sharding.tracing_mesh(mesh):
+                scores = model(batch['image'], rngs=nnx.Rngs(dropout=key))['score']
             return loss_fn(scores, batch['score'])
 
         loss, grads = jax.value_and_grad(loss_of)(state.params)
@@ -74,7 +75,8 @@ def make_eval_step(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
     """A jitted `(params, images) -> scores`: (B, 224, 224, 3) -> (B,), sharded like the batch."""
 
     def step_fn(params, images):
-        return nnx.merge(eval_graphdef, params)(images)['score']
+        with sharding.tracing_mesh(mesh):
+            return nnx.merge(eval_graphdef, params)(images)['score']
 
     return jax.jit(step_fn, out_shardings=sharding.batch_sharding(mesh))
 

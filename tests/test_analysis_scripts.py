@@ -192,6 +192,27 @@ def test_benchmark_states_what_twice_pytorch_asks_of_the_machine(tmp_path, monke
     assert row['jax_page_faults_per_step'] >= 0 and 'two_x_torch_share_of_best_peak' not in row
 
 
+def test_benchmark_times_several_attention_implementations_on_the_same_weights(
+        tmp_path, monkeypatch):
+    """`--attention xla pallas`: one row each (Pallas interpreted on this CPU), FLOPs
+    counted on XLA's program for both, the same PyTorch figure beside both."""
+    from smartiqa_jax.models import swin
+    monkeypatch.setattr(swin, 'PALLAS_INTERPRET', True)
+    bench = _script('benchmark')
+    out = tmp_path / 'bench.json'
+    monkeypatch.setattr('sys.argv', ['benchmark.py', '--variants', 'pico', '--batches', '2',
+                                     '--attention', 'xla', 'pallas', '--min-seconds', '0',
+                                     '--json', str(out)])
+    bench.main()
+    rows = json.loads(out.read_text())['rows']
+    assert [r['attention'] for r in rows] == ['xla', 'pallas']
+    assert rows[0]['gflops_per_image'] == rows[1]['gflops_per_image'] > 0.1
+    assert rows[0]['torch_images_per_s'] == rows[1]['torch_images_per_s']
+    for row in rows:
+        assert row['jax_over_torch'] == pytest.approx(
+            row['jax_images_per_s'] / row['torch_images_per_s'])
+
+
 def test_matmul_benchmark_times_the_three_products_of_every_linear(tmp_path):
     """scripts/benchmark_matmul.py: the shapes of every Swin Linear, the three matmuls each
     runs in a train step (checked against NumPy), and totals weighted by block count."""

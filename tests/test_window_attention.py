@@ -7,6 +7,10 @@ window, grouping windows per program, and the gradients (the bias table's includ
 """
 
 import json
+import os
+import subprocess
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +84,7 @@ def test_model_with_fused_attention_matches_xla(monkeypatch, attention):
     np.testing.assert_allclose(got['stage_weights'], want['stage_weights'], atol=tolerance)
 
 
-def test_config_validation_and_load_falls_back_to_xla(tmp_path):
+def test_config_validation_and_load_leaves_the_implementation_to_auto(tmp_path):
     with pytest.raises(ValueError, match="unknown attention 'flash'"):
         ModelConfig('nano', attention='flash')
     with pytest.raises(ValueError, match="needs dtype='bfloat16'"):
@@ -90,8 +94,64 @@ def test_config_validation_and_load_falls_back_to_xla(tmp_path):
     with pytest.raises(ValueError, match="attention='pallas' runs on GPUs .*'cpu'"):
         model.predict(jnp.zeros((1, 224, 224, 3)))
     path = checkpoint.save_model(tmp_path / 'ckpt', model)
-    assert checkpoint.load(path).config.attention == 'xla'
-    assert checkpoint.load(path, attention='pallas').config.attention == 'pallas'
+    # The trained-with implementation is not kept: 'auto', XLA's on this CPU.
+    loaded = checkpoint.load(path)
+    assert (loaded.config.attention, loaded.backbone.attention) == ('auto', 'xla')
+    assert checkpoint.load(path, attention='pallas').backbone.attention == 'pallas'
+
+
+@pytest.mark.parametrize('backend,capability,dtype,expected', [
+    ('gpu', '9.0', 'bfloat16', 'pallas'),    # H100/H200
+    ('gpu', '8.0', jnp.bfloat16, 'pallas'),  # A100
+    ('gpu', '9.0', 'float32', 'xla'),        # Pallas measured in bf16 only
+    ('gpu', '9.0', None, 'xla'),
+    ('gpu', '7.5', 'bfloat16', 'xla'),       # T4: no bf16 tensor cores
+    ('gpu', 'gfx90a', 'bfloat16', 'xla'),    # ROCm
+    ('cpu', None, 'bfloat16', 'xla'),
+    ('tpu', None, 'bfloat16', 'xla'),
+])
+def test_auto_attention_picks_pallas_for_bf16_on_recent_nvidia_gpus(
+        monkeypatch, backend, capability, dtype, expected):
+    monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+    device = types.SimpleNamespace(platform=backend)
+    if capability is not None:
+        device.compute_capability = capability
+    monkeypatch.setattr(jax, 'devices', lambda *a: [device])
+    assert swin.resolve_attention('auto', dtype) == expected
+    # A named implementation is kept as it is.
+    assert swin.resolve_attention('cudnn', dtype) == 'cudnn'
+
+
+def test_auto_attention_is_the_default_and_xla_on_this_cpu():
+    assert ModelConfig('nano').attention == 'auto'
+    for dtype in ('float32', 'bfloat16'):
+        model = nnx.eval_shape(lambda: SmartIQA(ModelConfig('nano', dtype=dtype),
+                                                rngs=nnx.Rngs(0)))
+        assert model.backbone.attention == 'xla'
+        assert {block.attn.attention for stage in model.backbone.layers
+                for block in stage.blocks} == {'xla'}
+
+
+def test_pallas_kernels_run_per_device_under_the_data_mesh():
+    """XLA cannot split a Pallas kernel over devices: on 2 devices each must run the kernels
+    on its half of the windows (shard_map), with the same results and gradients (the
+    bias gradient summed over the devices), in the train and eval steps and predict."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+           'PYTHONPATH': repo + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    env.pop('XLA_FLAGS', None)
+    run = subprocess.run([sys.executable, os.path.join(repo, 'tests', 'pallas_on_two_devices.py')],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-5000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report['devices'] == 2
+    # 4 images x 4 windows: 8 per device.
+    assert report['attention_windows'] == [8]
+    for name, error in report['attention_errors'].items():
+        assert error < 2e-5, (name, error)
+    # nano on 4 images of 224: 64, 16, 4 and 1 windows per image and stage; 2 per device.
+    for step in ('train_step_windows', 'eval_step_windows', 'scorer_windows'):
+        assert report[step] == [2, 8, 32, 128], (step, report[step])
 
 
 def test_attention_benchmark_script_runs_and_checks_errors(tmp_path, monkeypatch):

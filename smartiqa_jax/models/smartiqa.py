@@ -50,9 +50,10 @@ class ModelConfig:
       label_name: what the score means, e.g. 'koniq10k MOS_zscore'.
       label_range: (low, high) of the training labels; higher is better.
       dtype: compute dtype name ('float32' or 'bfloat16'); parameters are always fp32.
-      attention: Swin window attention implementation: 'xla' (any device), 'pallas'
-        (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused attention; a CUDA GPU and
-        bfloat16). Same parameters whichever it is.
+      attention: Swin window attention implementation: 'auto' (the default: 'pallas' for
+        bfloat16 on an NVIDIA GPU from Ampere on, else 'xla'; swin.resolve_attention),
+        'xla' (any device), 'pallas' (fused Triton kernels; GPUs) or 'cudnn' (cuDNN's fused
+        attention; a CUDA GPU and bfloat16). Same parameters whichever it is.
       patch_norm: the LayerNorm after Swin's patch embedding. True in every released
         model; False (the demo's choice) leaves it out, and the export then lacks its
         two tensors (torch_reference.SmartIQATorch(patch_norm=False) loads it).
@@ -66,16 +67,16 @@ class ModelConfig:
     label_name: str = 'koniq10k MOS_zscore'
     label_range: tuple[float, float] = (0.0, 100.0)
     dtype: str = 'float32'
-    attention: str = 'xla'
+    attention: str = 'auto'
     patch_norm: bool = True
 
     def __post_init__(self):
         variant = get_variant(self.variant)
         if self.fusion not in FUSIONS:
             raise ValueError(f'unknown fusion {self.fusion!r}; choose one of {", ".join(FUSIONS)}')
-        if self.attention not in swin.ATTENTION_IMPLS:
+        if self.attention not in swin.ATTENTION_CHOICES:
             raise ValueError(f'unknown attention {self.attention!r}; choose one of '
-                             f'{", ".join(swin.ATTENTION_IMPLS)}')
+                             f'{", ".join(swin.ATTENTION_CHOICES)}')
         if self.attention == 'cudnn' and self.dtype != 'bfloat16':
             raise ValueError("attention='cudnn' needs dtype='bfloat16' (cuDNN's fused "
                              "attention takes bf16 or fp16 only)")

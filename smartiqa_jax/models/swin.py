@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from smartiqa_jax.models import initializers as init
+from smartiqa_jax.sharding import DATA_AXIS
 from smartiqa_jax.models.variants import Variant
 
 WINDOW = 7
@@ -128,6 +129,29 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
 
 
 ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas')
+# What a config may name: an implementation, or 'auto' (`resolve_attention`).
+ATTENTION_CHOICES = ATTENTION_IMPLS + ('auto',)
+
+
+def resolve_attention(attention: str, dtype=None) -> str:
+    """The implementation that `attention` names; 'auto' picks the fastest measured one.
+
+    'auto' is 'pallas' for bfloat16 compute on an NVIDIA GPU of compute capability 8.0 or
+    later (Ampere, Hopper: 1.19x XLA's train step and 1.10x its inference for Swin-Base
+    on an H200, BENCHMARKS.md), else 'xla': on CPUs and TPUs, for float32 compute, on
+    older GPUs (no bf16 tensor cores for Triton) and on ROCm (not measured).
+    Decided where the model is built, from JAX's default backend.
+    """
+    if attention != 'auto':
+        return attention
+    if dtype is None or jnp.dtype(dtype) != jnp.bfloat16 or jax.default_backend() != 'gpu':
+        return 'xla'
+    device = jax.devices()[0]
+    try:
+        capability = float(getattr(device, 'compute_capability', '0'))
+    except (TypeError, ValueError):   # e.g. a ROCm 'gfx90a'
+        return 'xla'
+    return 'pallas' if capability >= 8.0 else 'xla'
 
 
 def window_attention_xla(q, k, v, bias, mask, scale):
@@ -158,13 +182,13 @@ PALLAS_INTERPRET = False
 def check_attention_backend(attention: str) -> None:
     """Raises ValueError if window attention `attention` cannot run on JAX's backend."""
     backend = jax.default_backend()
-    if (attention == 'xla' or backend == 'gpu'
+    if (attention in ('xla', 'auto') or backend == 'gpu'
             or (attention == 'pallas' and PALLAS_INTERPRET)
             or (attention == 'cudnn' and FUSED_IMPLEMENTATION != 'cudnn')):
         return
     kernel = 'Triton kernels' if attention == 'pallas' else 'cuDNN'
     raise ValueError(f"attention={attention!r} runs on GPUs ({kernel}); JAX's backend here is "
-                     f"{backend!r}. Use attention='xla': same parameters, same results.")
+                     f"{backend!r}. Use attention='auto' or 'xla': same parameters, same results.")
 
 
 # What a padded key gets added to its logits: exp() of it is 0 in fp32, and it is finite
@@ -213,6 +237,12 @@ def window_attention_pallas(qkv, bias, mask, scale, interpret=False):
 
     qkv: (B, nW, N, 3, heads, d), the qkv projection as it comes; bias and mask as in
     `window_attention_xla`. Returns (B, nW, N, heads, d).
+
+    XLA cannot split a Pallas kernel over devices (it would gather the whole batch onto
+    each), so when the computation is traced under a mesh with a 'data' axis of several
+    devices (`sharding.tracing_mesh`, as the train and eval steps are), each device runs
+    the kernels on its own part of the batch (`jax.shard_map`); the bias gradient is then
+    summed over the devices.
     """
     from smartiqa_jax.models import window_attention_pallas as kernel
     b, nw, n, _, h, d = qkv.shape
@@ -222,7 +252,16 @@ def window_attention_pallas(qkv, bias, mask, scale, interpret=False):
                    constant_values=_PAD_LOGIT)
     if mask is not None:
         mask = jnp.pad(jnp.asarray(mask, jnp.float32), ((0, 0), (0, pad), (0, pad)))
-    out = kernel.window_attention(qkv, bias, mask, scale, interpret)
+
+    def run(qkv, bias, mask):
+        return kernel.window_attention(qkv, bias, mask, scale, interpret)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if DATA_AXIS in mesh.axis_names and mesh.shape[DATA_AXIS] > 1:
+        P = jax.sharding.PartitionSpec
+        run = jax.shard_map(run, mesh=mesh, in_specs=(P(DATA_AXIS), P(), P()),
+                            out_specs=P(DATA_AXIS), check_vma=False)
+    out = run(qkv, bias, mask)
     return out[:, :n].reshape(b, nw, n, h, d)
 
 
@@ -371,7 +410,7 @@ class SwinTransformer(nnx.Module):
       dtype: compute dtype (None: follow the input; jnp.bfloat16 for mixed precision).
         Parameters stay fp32.
       attention: window attention implementation, 'xla', 'pallas' or 'cudnn' (see
-        WindowAttention).
+        WindowAttention), or 'auto' (`resolve_attention`).
       patch_norm: LayerNorm after the patch embedding (Swin's, and every released model's).
         Without it stage 0 keeps the amplitude of each 4x4 patch's response, which a
         narrow Swin trained from scratch needs to tell noise levels apart (the demo).
@@ -385,6 +424,8 @@ class SwinTransformer(nnx.Module):
             if r % WINDOW and r > WINDOW:
                 raise ValueError(f'img_size {img_size} gives a {r}x{r} stage that does not tile '
                                  f'into {WINDOW}x{WINDOW} windows; use 224')
+        # The implementation in use ('auto' resolved), for logs.
+        self.attention = attention = resolve_attention(attention, dtype)
         rates = np.linspace(0.0, drop_path_rate, sum(variant.depths)).tolist()
         self.patch_embed = PatchEmbed(dims[0], rngs=rngs, dtype=dtype, norm=patch_norm)
         stages = []
