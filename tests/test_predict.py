@@ -87,6 +87,8 @@ def test_folder_with_bad_files_scores_the_good_and_reports_the_bad(ckpt, folder,
     assert 'no such file' in rows['missing.jpg']['error']
     err = capsys.readouterr().err
     assert 'scored 5 images, failed 5' in err
+    # The model line says what computes: 'auto' window attention is XLA's on a CPU.
+    assert 'float32, xla window attention' in err
     assert f'{folder / "truncated.jpg"}:' in err  # warnings name the file
 
 

@@ -81,6 +81,7 @@ def test_one_and_four_devices_train_the_same_parameters(tmp_path, demo_root):
     # config.train.cpu_devices splits the CPU itself (no XLA_FLAGS), to the same result.
     run = _train(tmp_path / 'two', demo_root, '--config.train.cpu_devices=2', devices=1)
     assert '2 cpu device(s)' in run.stdout
+    assert '(float32, xla window attention)' in run.stdout   # 'auto' on a CPU
     _assert_same_params(tmp_path / 'one', tmp_path / 'two', atol=1e-5)
     # This process has one device: the checkpoint of the 2-device run still loads.
     import smartiqa_jax

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from smartiqa_jax.models import initializers as init
-from smartiqa_jax.sharding import DATA_AXIS
 from smartiqa_jax.models.variants import Variant
+from smartiqa_jax.sharding import DATA_AXIS
 
 WINDOW = 7
 PATCH = 4
