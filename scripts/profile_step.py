@@ -1,6 +1,7 @@
 """Where the training step's time goes: a device trace, summed by kernel and by source line.
 
   python scripts/profile_step.py --variant base --batches 128 --dtype bfloat16 --out prof/
+  python scripts/profile_step.py ... --attention pallas     # with the Pallas kernels (GPU)
 
 For each batch size: compiles the trainer's step (scripts/benchmark.py's setup: Swin,
 SMART-IQA head, L1, clipping, AdamW), times it, then traces a few steps with
@@ -168,18 +169,21 @@ def main():
     parser.add_argument('--fusion', default='attention')
     parser.add_argument('--batches', nargs='+', type=int, default=[128])
     parser.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
+    parser.add_argument('--attention', default='xla', choices=['xla', 'pallas', 'cudnn'],
+                        help='Swin window attention implementation (pallas, cudnn: GPUs)')
     parser.add_argument('--steps', type=int, default=3, help='steps in the trace')
     parser.add_argument('--min-seconds', type=float, default=3.0)
     parser.add_argument('--no-hlo', action='store_true', help='do not write the optimised HLO')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    _, mesh, _, _, state, step = benchmark.train_step_setup(args.variant, args.fusion, args.dtype)
+    _, mesh, _, _, state, step = benchmark.train_step_setup(args.variant, args.fusion, args.dtype,
+                                                            args.attention)
     for batch in args.batches:
         _, _, data = benchmark.train_batch(batch, mesh)
         row, state = profile(step, state, data, batch, args.out, args.steps, args.min_seconds,
                              not args.no_hlo)
-        row.update(variant=args.variant, dtype=args.dtype,
+        row.update(variant=args.variant, dtype=args.dtype, attention=args.attention,
                    device=jax.devices()[0].device_kind, jax=jax.__version__)
         with open(os.path.join(args.out, f'step_b{batch}.json'), 'w') as f:
             json.dump(row, f, indent=1)
