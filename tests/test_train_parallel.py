@@ -141,3 +141,35 @@ def test_sigkill_and_restart_ends_like_an_uninterrupted_run(tmp_path, demo_root)
     def logged(w):   # metrics.jsonl: what was lost with the process is logged once, when redone
         return [(r['step'], r['kind']) for r in map(json.loads, open(os.path.join(w, 'metrics.jsonl')))]
     assert logged(workdir) == logged(tmp_path / 'whole')
+
+
+def test_compiled_programs_go_to_the_persistent_cache(tmp_path, demo_root):
+    """train.compilation_cache_dir: the run's programs are written there, and a second
+    run of the same config finds them."""
+    env = _env()
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)   # the tests' own cache would take over
+    env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+    cache = tmp_path / 'xla_cache'
+    for name in ('first', 'second'):
+        run = subprocess.run(
+            _command(tmp_path / name, demo_root, f'--config.train.compilation_cache_dir={cache}'),
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-5000:]
+        if name == 'first':
+            entries = set(os.listdir(cache))
+            assert entries, 'nothing was cached'
+    # The second run compiled nothing new: every program came from the cache.
+    assert set(os.listdir(cache)) == entries
+
+
+def test_compilation_cache_setting(monkeypatch, tmp_path):
+    from smartiqa_jax import train
+    calls = []
+    monkeypatch.setattr(jax.config, 'update', lambda *a: calls.append(a))
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
+    assert train.enable_compilation_cache('') is None and not calls
+    assert train.enable_compilation_cache(str(tmp_path / 'c')) == str(tmp_path / 'c')
+    assert calls == [('jax_compilation_cache_dir', str(tmp_path / 'c'))]
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
+    assert train.enable_compilation_cache(str(tmp_path / 'c')) == '/elsewhere'
+    assert len(calls) == 1
