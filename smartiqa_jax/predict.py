@@ -57,7 +57,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
-from smartiqa_jax import preprocess
+from smartiqa_jax import compilation_cache, preprocess
 
 # Extensions collected from folders; files named explicitly are tried whatever their name.
 IMAGE_EXTENSIONS = frozenset({
@@ -585,6 +585,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                              'default 0, one device')
     parser.add_argument('--batch-size', type=int, default=8,
                         help='images per model call (x crops = crops per call); default 8')
+    parser.add_argument('--compilation-cache-dir', default=compilation_cache.DEFAULT_DIR,
+                        help="JAX's persistent compilation cache: a model compiled before on "
+                             "this machine loads instead of compiling ('' turns it off; "
+                             f'default {compilation_cache.DEFAULT_DIR})')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument('--attention', choices=('auto', 'xla', 'pallas', 'cudnn'),
@@ -609,6 +613,7 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
         sharding.set_cpu_devices(getattr(args, 'cpu_devices', 0))
     except ValueError as e:
         raise UsageError(f'--cpu-devices: {e}') from None
+    compilation_cache.enable(getattr(args, 'compilation_cache_dir', None))
     crops = args.crops if args.crops is not None else (1 if args.crop_mode == 'center' else DEFAULT_CROPS)
     if args.resize is not None:
         parse_resize(args.resize)  # a bad value fails before the checkpoint is loaded

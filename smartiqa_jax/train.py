@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from smartiqa_jax import losses, optim, sharding, train_state
+from smartiqa_jax import compilation_cache, losses, optim, sharding, train_state
 from smartiqa_jax.metrics import quality_metrics
 from smartiqa_jax.train_checkpoint import TrainCheckpoints
 
@@ -152,24 +152,6 @@ class TrainFeed:
     def next(self) -> dict[str, np.ndarray]:
         parts = [next(it) for it in self.iterators]
         return {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'score')}
-
-
-def enable_compilation_cache(directory: str) -> str | None:
-    """Turns on JAX's persistent compilation cache in `directory`; returns the directory
-    in use, or None when off.
-
-    A rerun, a resumed run or another config with the same shapes then loads its compiled
-    programs (Swin-Base's train step takes about a minute to compile on a GPU). A
-    JAX_COMPILATION_CACHE_DIR set in the environment is left in charge. Must run before
-    the first compilation of the process.
-    """
-    if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        return os.environ['JAX_COMPILATION_CACHE_DIR']
-    if not directory:
-        return None
-    directory = _expand(directory)
-    jax.config.update('jax_compilation_cache_dir', directory)
-    return directory
 
 
 def _limit(records: list, count: int) -> list:
@@ -523,7 +505,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     'steps', 'train_seconds'}; the same is written to workdir/summary.json.
     """
     sharding.set_cpu_devices(config.train.cpu_devices)   # before anything starts JAX
-    enable_compilation_cache(config.train.compilation_cache_dir)
+    compilation_cache.enable(config.train.compilation_cache_dir)
     workdir = _expand(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -239,3 +239,19 @@ def test_find_inputs_files_folders_globs(folder):
                                         ('koniq', (512, 384))])
 def test_parse_resize(text, spec):
     assert predict.parse_resize(text) == spec
+
+
+def test_compiled_model_goes_to_the_persistent_cache(ckpt, folder, tmp_path):
+    """--compilation-cache-dir (a command of its own: the cache is set up once per process)."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+           'PYTHONPATH': repo + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)   # the tests' own cache would take over
+    cache = tmp_path / 'xla_cache'
+    run = subprocess.run([sys.executable, '-m', 'smartiqa_jax.predict', '--checkpoint', ckpt,
+                          str(folder / 'photo.jpg'), '--compilation-cache-dir', str(cache), *FAST],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert os.listdir(cache), 'nothing was cached'

@@ -163,13 +163,13 @@ def test_compiled_programs_go_to_the_persistent_cache(tmp_path, demo_root):
 
 
 def test_compilation_cache_setting(monkeypatch, tmp_path):
-    from smartiqa_jax import train
+    from smartiqa_jax import compilation_cache
     calls = []
     monkeypatch.setattr(jax.config, 'update', lambda *a: calls.append(a))
     monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR', raising=False)
-    assert train.enable_compilation_cache('') is None and not calls
-    assert train.enable_compilation_cache(str(tmp_path / 'c')) == str(tmp_path / 'c')
+    assert compilation_cache.enable('') is None and not calls
+    assert compilation_cache.enable(str(tmp_path / 'c')) == str(tmp_path / 'c')
     assert calls == [('jax_compilation_cache_dir', str(tmp_path / 'c'))]
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
-    assert train.enable_compilation_cache(str(tmp_path / 'c')) == '/elsewhere'
+    assert compilation_cache.enable(str(tmp_path / 'c')) == '/elsewhere'
     assert len(calls) == 1
