@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.cpu_devices = 0             # > 0: split a CPU into this many data-parallel devices
     # JAX's persistent compilation cache: a rerun or a resumed run loads its compiled
     # programs instead of compiling again ('': off; JAX_COMPILATION_CACHE_DIR wins).
-    config.train.compilation_cache_dir = '~/.cache/smartiqa_jax/xla_cache'   # compilation_cache.py
+    config.train.compilation_cache_dir = '~/.cache/smartiqa_jax/xla_cache'
     config.train.compute_dtype = 'float32'   # bfloat16 on GPU/TPU; parameters stay float32
     config.train.log_every_steps = 50
     config.train.checkpoint_every_steps = 500
