@@ -23,6 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (A config field cannot be None and still accept a float override.)
     config.model.dropout = -1.0
     config.model.drop_path_rate = -1.0
+    config.model.attention_dropout = 0.5     # inside the stage-attention MLP (released: 0.5)
     # ImageNet Swin weights for the backbone (a timm checkpoint file); '' trains from scratch.
     config.model.backbone_weights = ''
     # Where scores start: 'model' (the released init) or 'mean_label' (the score

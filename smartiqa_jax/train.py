@@ -233,6 +233,7 @@ def model_config_from(config: ml_collections.ConfigDict):
         variant=m.variant, fusion=m.fusion,
         dropout=None if m.dropout < 0 else m.dropout,
         drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
+        attention_dropout=m.attention_dropout,
         label_name=config.data.label_name, label_range=tuple(config.data.label_range),
         dtype=config.train.compute_dtype, attention=m.attention, patch_norm=m.patch_norm)
 

@@ -225,6 +225,9 @@ def test_configs_select_ablations_by_key():
     for fusion in ('backbone', 'multiscale'):
         config.model.fusion = fusion
         assert train.model_config_from(config).fusion == fusion
+    assert train.model_config_from(config).attention_dropout == 0.5   # released
+    config.model.attention_dropout = 0.0
+    assert train.model_config_from(config).attention_dropout == 0.0
     # The attention kernel is a key too; a GPU-only one on this CPU fails before any data.
     config.model.attention = 'pallas'
     with pytest.raises(ValueError, match="config.model.attention: attention='pallas' runs on GPUs"):
