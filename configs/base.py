@@ -46,6 +46,11 @@ def get_config() -> ml_collections.ConfigDict:
     # fused attention; GPUs, bfloat16). The README's model section says what each gains.
     config.model.attention = 'auto'
     config.model.patch_norm = True           # LayerNorm after the patch embedding (demo: off)
+    # Fine-tuning: start from a whole trained SMART-IQA model instead of the init above
+    # (a model checkpoint, a training workdir, or a released PyTorch .pth/.safetensors).
+    # Its variant, fusion and patch_norm replace the ones here; its scores are mapped
+    # linearly from its label range onto this run's.
+    config.model.init_from = ''
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = 'koniq10k'
@@ -54,8 +59,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.val_split = 'validation'
     config.data.test_split = 'test'
     config.data.split_seed = 0               # datasets without an official split
-    config.data.label_name = 'koniq10k MOS_zscore'
-    config.data.label_range = (0.0, 100.0)
+    # What the model's scores mean, recorded in its checkpoint; '' and (): the training
+    # data's own ('koniq10k MOS_zscore', 0..100 for KonIQ).
+    config.data.label_name = ''
+    config.data.label_range = ()
+    # dataset 'csv': root is a CSV of image paths (relative to images_dir, default the
+    # CSV's folder) and scores. split_column values: train|training, validation|val|valid,
+    # test|testing; without one, a seeded split (split_seed) by 0.7/0.1/0.2, rows with
+    # the same group_column value kept together. score_range: (low, high), default the
+    # scores' min and max.
+    config.data.csv = ml_collections.ConfigDict()
+    config.data.csv.image_column = 'image'
+    config.data.csv.score_column = 'score'
+    config.data.csv.split_column = ''
+    config.data.csv.group_column = ''
+    config.data.csv.images_dir = ''
+    config.data.csv.score_range = ()
+    config.data.csv.higher_is_better = True
     config.data.resize = (512, 384)          # (height, width) before cropping (SPEC 2)
     config.data.crop_size = 224
     config.data.patches_per_image = 20       # each training image appears this often per epoch

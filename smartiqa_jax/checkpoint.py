@@ -5,7 +5,8 @@ Layout of a model checkpoint directory:
   CKPT/model_config/   ModelConfig as JSON (variant, fusion, dropout, label scale...)
 
 Training checkpoints (train.py) store the same two items beside the optimiser state, so
-`load` also accepts one of their step directories or a whole training workdir.
+`load` also accepts one of their step directories or a whole training workdir, and a
+released SMART-IQA PyTorch state_dict file (`weights.load_pytorch`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 
 PARAMS = 'params'
 MODEL_CONFIG = 'model_config'
+# State_dict files `load` reads through weights.load_pytorch (tensors only, never a pickle).
+STATE_DICT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
 
 
 class CheckpointError(ValueError):
@@ -119,16 +122,32 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                           f'{MODEL_CONFIG}/ inside it, or numbered step directories that have them)')
 
 
+def resolve(path: str | os.PathLike) -> Path:
+    """What `load` reads: a state_dict file as it is, else `find_checkpoint(path)`."""
+    file = _absolute(path)
+    if file.is_file() and file.suffix in STATE_DICT_SUFFIXES:
+        return file
+    return find_checkpoint(path)
+
+
 def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
     """Loads a ready model (eval mode) from a checkpoint directory or a training workdir.
 
+    Also from a released SMART-IQA PyTorch state_dict file (.pth, .pt, .bin or
+    .safetensors; variant, fusion and patch norm detected from its keys, the label
+    scale KonIQ's 0..100 as released), read without unpickling anything but tensors.
     `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.
     The window attention implementation the checkpoint was trained with is not kept:
     the model takes 'auto', the best one for this machine and `dtype` (the Pallas
     kernels for bfloat16 on a recent NVIDIA GPU, else XLA's), unless `attention=` is
     given.
     """
-    directory = find_checkpoint(path)
+    directory = resolve(path)
+    if directory.is_file():
+        from smartiqa_jax import weights
+        model = weights.load_pytorch(directory, **config_overrides)
+        model.eval()
+        return model
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
             MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]

@@ -564,7 +564,8 @@ class RowWriter:
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """--checkpoint, preprocessing and batching flags shared with evaluate and the scripts."""
     parser.add_argument('--checkpoint', required=True,
-                        help='model checkpoint directory, training step directory or workdir')
+                        help='model checkpoint directory, training step directory or workdir, '
+                             'or a released SMART-IQA PyTorch state_dict (.pth, .safetensors)')
     parser.add_argument('--crops', type=int, default=None,
                         help=f'crops per image, scores averaged (default {DEFAULT_CROPS}; '
                              '1 for --crop-mode center)')
@@ -621,7 +622,7 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
         # PIL refuses at open() beyond twice its own limit, before our check could allow it.
         Image.MAX_IMAGE_PIXELS = args.max_pixels
     try:
-        directory = checkpoint.find_checkpoint(args.checkpoint)
+        directory = checkpoint.resolve(args.checkpoint)   # or a released .pth/.safetensors
     except checkpoint.CheckpointError as e:
         raise UsageError(f'--checkpoint: {e}') from None
     if args.resize is None:

@@ -66,9 +66,30 @@ def _expand(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
-def load_splits(dataset: str, root: str, *, seed: int = 0):
+# Split names a CSV's split column may use besides train / validation / test.
+CSV_SPLIT_NAMES = {'training': 'train', 'val': 'validation', 'valid': 'validation',
+                   'testing': 'test'}
+
+
+def csv_options(csv: ml_collections.ConfigDict) -> dict[str, Any]:
+    """config.data.csv as keyword arguments of data.read_csv_folder ('' / (): its default)."""
+    if csv.score_range and len(csv.score_range) != 2:
+        raise ValueError(f'config.data.csv.score_range must be (low, high), got {csv.score_range}')
+    return dict(image_column=csv.image_column, score_column=csv.score_column,
+                split_column=csv.split_column or None, split_names=CSV_SPLIT_NAMES,
+                group_column=csv.group_column or None,
+                images_dir=_expand(csv.images_dir) or None,
+                score_range=tuple(csv.score_range) or None,
+                higher_is_better=csv.higher_is_better)
+
+
+def load_splits(dataset: str, root: str, *, seed: int = 0,
+                csv: ml_collections.ConfigDict | None = None):
     """Records of every split of `dataset` under `root` (readers in smartiqa_jax.data).
 
+    seed: the seeded split of datasets without an official one (SPAQ, KADID-10k,
+    AGIQA-3K, a CSV without a split column); for 'demo', the dataset's own seed.
+    csv: config.data.csv, the columns of a 'csv' dataset (`root` is then the CSV).
     Raises DatasetNotFoundError, naming where it looked and how to get the
     data, when the files are not there.
     """
@@ -76,12 +97,15 @@ def load_splits(dataset: str, root: str, *, seed: int = 0):
     root = _expand(root)
     if dataset == 'demo':
         return data.load_splits('demo', root, seed)
+    options = {} if dataset == 'koniq10k' else {'seed': seed}
+    if dataset == 'csv' and csv is not None:
+        options.update(csv_options(csv))
     problem = None
     if not root or not os.path.exists(root):
         problem = f'{root or "(empty)"} does not exist'
     else:
         try:
-            return data.load_splits(dataset, root)
+            return data.load_splits(dataset, root, **options)
         except (data.DataError, FileNotFoundError) as e:
             problem = str(e)
     raise DatasetNotFoundError(
@@ -220,8 +244,13 @@ def _local_rows(array: jax.Array) -> np.ndarray:
 # ----------------------------------------------------------------------------- model
 
 
-def model_config_from(config: ml_collections.ConfigDict):
-    """The SmartIQA ModelConfig of a run config (negative rates: released defaults)."""
+def model_config_from(config: ml_collections.ConfigDict, scale=None):
+    """The SmartIQA ModelConfig of a run config (negative rates: released defaults).
+
+    scale: the training labels' ScoreScale. The label name and range the model
+    records are config.data.label_name / label_range where set, else the scale's
+    ('koniq10k MOS_zscore', 0..100 for KonIQ), else ModelConfig's defaults.
+    """
     from smartiqa_jax.models import swin
     from smartiqa_jax.models.smartiqa import ModelConfig
     m = config.model
@@ -229,13 +258,94 @@ def model_config_from(config: ml_collections.ConfigDict):
         swin.check_attention_backend(m.attention)
     except ValueError as e:
         raise ValueError(f'config.model.attention: {e}') from None
+    labels = {}
+    if config.data.label_name or scale is not None:
+        labels['label_name'] = (config.data.label_name
+                                or f'{config.data.dataset} {scale.label}')
+    if config.data.label_range or scale is not None:
+        labels['label_range'] = tuple(config.data.label_range or (scale.low, scale.high))
     return ModelConfig(
         variant=m.variant, fusion=m.fusion,
         dropout=None if m.dropout < 0 else m.dropout,
         drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
-        attention_dropout=m.attention_dropout,
-        label_name=config.data.label_name, label_range=tuple(config.data.label_range),
+        attention_dropout=m.attention_dropout, **labels,
         dtype=config.train.compute_dtype, attention=m.attention, patch_norm=m.patch_norm)
+
+
+# The model settings a whole-model checkpoint (config.model.init_from) decides.
+ARCHITECTURE_KEYS = ('variant', 'fusion', 'patch_norm')
+# From-scratch initialisation settings that a whole-model checkpoint makes moot.
+INIT_KEYS = {'backbone_init': 'timm', 'hyper_conv_init': 'model', 'score_bias_init': 'model'}
+
+
+def load_init_model(config: ml_collections.ConfigDict):
+    """The model config.model.init_from names, for fine-tuning; None when it is ''.
+
+    A model checkpoint, a training workdir or step directory (the model
+    `smartiqa_jax.load` returns from it), or a released SMART-IQA PyTorch
+    state_dict file. Errors name the setting and the path.
+    """
+    if not config.model.init_from:
+        return None
+    from smartiqa_jax import checkpoint, weights
+    if config.model.backbone_weights:
+        raise ValueError('config.model.init_from and config.model.backbone_weights both give '
+                         'the backbone; set one of them')
+    path = _expand(config.model.init_from)
+    try:
+        return checkpoint.load(path)
+    except (checkpoint.CheckpointError, weights.WeightsError) as e:
+        raise type(e)(f'config.model.init_from: {e}') from None
+
+
+def adopt_architecture(config: ml_collections.ConfigDict, init_config) -> list[str]:
+    """Sets config.model's variant, fusion and patch_norm to the init model's, in place.
+
+    A fine-tuned model has the architecture of the one it starts from, so these
+    come from the checkpoint whatever the config says. Returns a line per setting
+    that changed and per from-scratch init setting that no longer applies.
+    """
+    notes = []
+    for key in ARCHITECTURE_KEYS:
+        value = getattr(init_config, key)
+        if config.model[key] != value:
+            notes.append(f'model.{key}: {value!r} from model.init_from '
+                         f'(the config said {config.model[key]!r})')
+            config.model[key] = value
+    for key, default in INIT_KEYS.items():
+        if config.model[key] != default:
+            notes.append(f'model.{key}={config.model[key]!r} not applied: every parameter '
+                         'comes from model.init_from')
+    return notes
+
+
+def label_range_map(source: Sequence[float], target: Sequence[float]
+                    ) -> tuple[float, float] | None:
+    """(a, b) taking label range `source` linearly onto `target`; None when they are equal.
+
+    Folded into the score layers (fold_affine), it makes a model trained on
+    KonIQ's 0..100 start a fine-tuning on 1..5 labels predicting 1..5.
+    """
+    (lo, hi), (new_lo, new_hi) = map(tuple, (source, target))
+    if (lo, hi) == (new_lo, new_hi):
+        return None
+    if not hi > lo:
+        raise ValueError(f'label range {(lo, hi)} of model.init_from is empty')
+    a = (new_hi - new_lo) / (hi - lo)
+    return a, new_lo - a * lo
+
+
+def fold_affine(params: dict, a: float, b: float) -> dict:
+    """The parameters of the same model predicting a * score + b.
+
+    The score is b5 + w5 . q, with w5 and b5 Linears of the hyper feature, so
+    scaling both layers by a and adding b to b5's bias is exact.
+    """
+    params = dict(params)
+    params['w5_fc'] = {k: v * a for k, v in params['w5_fc'].items()}
+    params['b5_fc'] = {'kernel': params['b5_fc']['kernel'] * a,
+                       'bias': params['b5_fc']['bias'] * a + b}
+    return params
 
 
 def score_scale_of(config, labels: Sequence[float]) -> float:
@@ -252,8 +362,14 @@ def score_scale_of(config, labels: Sequence[float]) -> float:
     return 1.0
 
 
-def _build_params(config, model_config, mesh, *, mean_label: float, score_scale: float = 1.0):
-    """Initial parameters: the model's init, then the config's backbone weights and score head."""
+def _build_params(config, model_config, mesh, *, mean_label: float, score_scale: float = 1.0,
+                  init=None):
+    """Initial parameters: the model's init, then the config's backbone weights and score head.
+
+    init: a whole model to start from instead (config.model.init_from, via
+    load_init_model, with the architecture adopted): its parameters, with the
+    scores mapped from its label range onto model_config's (label_range_map).
+    """
     from smartiqa_jax.models.smartiqa import SmartIQA
     from smartiqa_jax.optim import SCORE_LAYERS
     if config.model.backbone_init != 'timm' and config.model.backbone_weights:
@@ -261,6 +377,16 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
                          'training from scratch; it would overwrite config.model.backbone_weights')
     train_graphdef, eval_graphdef, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
+    if init is not None:
+        loaded = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init, nnx.Param)))
+        if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
+                a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))):
+            raise ValueError('config.model.init_from: its parameters do not fit the '
+                             f'{model_config.variant}/{model_config.fusion} model')
+        mapping = label_range_map(init.config.label_range, model_config.label_range)
+        if mapping:
+            loaded = fold_affine(loaded, *mapping)
+        return train_graphdef, eval_graphdef, sharding.replicate(loaded, mesh)
     host = {}   # the parameters as a pure dict on the host, made by the first change
 
     def editable() -> dict:
@@ -338,8 +464,7 @@ def calibrate_score_layers(params: dict, predictions: np.ndarray, labels: np.nda
                            ) -> tuple[dict, tuple[float, float] | None]:
     """Fits labels ~ a * predictions + b (least squares) and folds it into the score layers.
 
-    The score is b5 + w5 . q, with w5 and b5 Linears of the hyper feature, so
-    scaling both layers by a and adding b to b5's bias makes the model predict
+    The fit is folded in by `fold_affine`: the model then predicts
     a * score + b exactly. For a scale-free loss (plcc, rank_hinge, fidelity),
     whose scores have an arbitrary scale and offset: the ranking, SRCC, PLCC
     and KRCC are unchanged, RMSE becomes meaningful. Returns (params, (a, b)),
@@ -353,11 +478,7 @@ def calibrate_score_layers(params: dict, predictions: np.ndarray, labels: np.nda
     a, b = np.polyfit(x, y, 1)
     if not a > 0:
         return params, None
-    params = dict(params)
-    params['w5_fc'] = {k: v * a for k, v in params['w5_fc'].items()}
-    params['b5_fc'] = {'kernel': params['b5_fc']['kernel'] * a,
-                       'bias': params['b5_fc']['bias'] * a + b}
-    return params, (float(a), float(b))
+    return fold_affine(params, a, b), (float(a), float(b))
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -512,7 +633,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
 
-    splits = load_splits(config.data.dataset, config.data.root, seed=config.data.split_seed)
+    splits = load_splits(config.data.dataset, config.data.root, seed=config.data.split_seed,
+                         csv=config.data.csv)
     splits = {name: _limit(records, config.data.max_images_per_split)
               for name, records in splits.items()}
     cross = [(name, load_splits(name, root)) for name, root in
@@ -523,12 +645,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     sharding.local_batch_size(config.train.eval_batch_size, mesh)
     # The parameters before the input pipelines: a bad backbone weights file
     # fails at once, not after the training split has been decoded (data.cache).
-    model_config = model_config_from(config)
+    init = load_init_model(config)
+    if init is not None:
+        config = config.copy_and_resolve_references()   # the caller's config stays as given
+        for note in adopt_architecture(config, init.config):
+            say(f'Fine-tuning: {note}')
+    model_config = model_config_from(config, splits['train'][0].scale)
+    if init is not None:
+        mapping = label_range_map(init.config.label_range, model_config.label_range)
+        say(f'Fine-tuning {model_config.variant}/{model_config.fusion} from '
+            f'{_expand(config.model.init_from)}'
+            + (f'; scores mapped from {init.config.label_range} to {model_config.label_range}: '
+               f'{mapping[0]:.4g} * score {mapping[1]:+.4g}' if mapping else ''))
     train_labels = [r.score for r in splits['train']]
     mean_label = float(np.mean(train_labels))
     score_scale = score_scale_of(config, train_labels)
     train_graphdef, eval_graphdef, params = _build_params(
-        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale)
+        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale, init=init)
 
     feed = TrainFeed(splits['train'], config.data, global_batch_size=config.train.batch_size,
                      seed=config.seed)
@@ -725,6 +858,7 @@ def main(argv=None) -> None:
     def run(_):
         from absl import logging
 
+        from smartiqa_jax.checkpoint import CheckpointError
         from smartiqa_jax.weights import WeightsError
         f = flags.FLAGS
         # Orbax logs every save at INFO; the run's own lines say what matters.
@@ -737,7 +871,7 @@ def main(argv=None) -> None:
         workdir = f.workdir or os.path.join('workdirs', name)
         try:
             train_and_evaluate(config_flag.value, workdir)
-        except (DatasetNotFoundError, WeightsError) as e:
+        except (DatasetNotFoundError, WeightsError, CheckpointError) as e:
             raise SystemExit(str(e)) from None
 
     app.run(run, argv=argv)

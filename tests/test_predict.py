@@ -114,6 +114,27 @@ def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, caps
     assert "--attention: attention='pallas' runs on GPUs" in err   # once, before any file
 
 
+def test_a_released_pytorch_file_scores_as_its_converted_checkpoint(ckpt, folder, tmp_path,
+                                                                     capsys):
+    from safetensors.numpy import save_file
+
+    from smartiqa_jax import weights
+    released = tmp_path / 'released.safetensors'
+    save_file(weights.export_state_dict(checkpoint.load(ckpt)), released)
+    good = [str(folder / n) for n in ('photo.jpg', 'gray.png')]
+    scores = {}
+    for name, source in (('converted', ckpt), ('released', str(released))):
+        out = tmp_path / f'{name}.csv'
+        assert predict.main(['--checkpoint', source, *good, '--output', str(out), *FAST]) == 0
+        scores[name] = [float(r['score']) for r in _read_csv(out)]
+    assert scores['released'] == pytest.approx(scores['converted'], abs=1e-4)
+    assert f'from {released} ' in capsys.readouterr().err
+    broken = tmp_path / 'broken.pth'
+    broken.write_bytes(b'not a state_dict')
+    assert predict.main(['--checkpoint', str(broken), *good, *FAST]) == 2
+    assert f'--checkpoint {broken}: ' in capsys.readouterr().err
+
+
 def test_scores_do_not_depend_on_batch_neighbours_and_repeat(ckpt, folder, tmp_path):
     names = ['photo.jpg', 'gray.png', 'rgba.png', 'sub/nested.jpg', 'large.jpg']
     paths = [str(folder / n) for n in names]

@@ -221,7 +221,7 @@ def test_configs_select_ablations_by_key():
         assert train.model_config_from(config).variant == variant
     config = base.get_config()
     assert train.model_config_from(config) == ModelConfig(
-        variant='base', fusion='attention', label_name=config.data.label_name)
+        variant='base', fusion='attention')
     for fusion in ('backbone', 'multiscale'):
         config.model.fusion = fusion
         assert train.model_config_from(config).fusion == fusion
