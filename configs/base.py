@@ -55,9 +55,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.dataset = 'koniq10k'
     config.data.root = '~/data/koniq10k'     # holds koniq10k_distributions_sets.csv and 1024x768/
-    config.data.train_split = 'training'
-    config.data.val_split = 'validation'
-    config.data.test_split = 'test'
     config.data.split_seed = 0               # datasets without an official split
     # What the model's scores mean, recorded in its checkpoint; '' and (): the training
     # data's own ('koniq10k MOS_zscore', 0..100 for KonIQ).

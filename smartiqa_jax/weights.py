@@ -161,6 +161,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise WeightsError(f'{path}: reading .pth/.bin files needs PyTorch '
                                "(pip install 'smartiqa-jax[torch]'), or convert it to "
                                '.safetensors first') from e
+        with open(path, 'rb') as f:
+            magic = f.read(4)
+        # torch.save writes a zip archive (PK..) or, before PyTorch 1.6, a pickle (0x80 ..).
+        if not (magic.startswith(b'PK\x03\x04') or magic[:1] == b'\x80'):
+            raise WeightsError(f'{path}: not a PyTorch checkpoint (neither the zip archive '
+                               'torch.save writes nor a pickle)')
         try:
             state = torch.load(path, map_location='cpu', weights_only=True)
         except Exception as e:

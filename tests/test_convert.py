@@ -136,6 +136,9 @@ def test_empty_and_missing_files(tmp_path):
         weights.read_state_dict(tmp_path / 'empty.pth')
     with pytest.raises(weights.WeightsError, match='no such file'):
         weights.read_state_dict(tmp_path / 'absent.pth')
+    (tmp_path / 'notes.pth').write_text('not a checkpoint\n')
+    with pytest.raises(weights.WeightsError, match='notes.pth: not a PyTorch checkpoint'):
+        weights.read_state_dict(tmp_path / 'notes.pth')
 
 
 class _Exploit:

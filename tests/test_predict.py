@@ -132,7 +132,7 @@ def test_a_released_pytorch_file_scores_as_its_converted_checkpoint(ckpt, folder
     broken = tmp_path / 'broken.pth'
     broken.write_bytes(b'not a state_dict')
     assert predict.main(['--checkpoint', str(broken), *good, *FAST]) == 2
-    assert f'--checkpoint {broken}: ' in capsys.readouterr().err
+    assert f'--checkpoint {broken}: {broken}: not a PyTorch checkpoint' in capsys.readouterr().err
 
 
 def test_scores_do_not_depend_on_batch_neighbours_and_repeat(ckpt, folder, tmp_path):
