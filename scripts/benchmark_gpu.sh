@@ -15,8 +15,10 @@
 # attention), so they fit one 10-minute device call; part 5 runs in whatever time is
 # left. The next open question is where the step with the Pallas kernels spends its
 # time (BENCHMARKS.md, fourth GPU session); for that, one call of about 3 minutes:
-#   python scripts/profile_step.py --variant base --batches 128 --attention pallas --out OUT Each part has its own time limit and writes its JSON as rows come in, so a run
-# cut short keeps what it measured. Earlier figures (tiny, fp32) came from
+#   python scripts/profile_step.py --variant base --batches 128 --attention pallas --out OUT
+# and then XLA's GPU options, one 10-minute call: bash scripts/benchmark_gpu_flags.sh OUT.
+# Each part has its own time limit and writes its JSON as rows come in, so a run cut
+# short keeps what it measured. Earlier figures (tiny, fp32) came from
 # `benchmark.py --variants tiny base --batches 32 128 --dtype bfloat16` and
 # `benchmark.py --variants base --batches 32 --dtype float32`.
 set -u
