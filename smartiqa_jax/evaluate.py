@@ -95,7 +95,11 @@ def plcc_after_logistic(pred: np.ndarray, target: np.ndarray) -> float:
     fitted = logistic_4(pred, *params)
     if np.ptp(fitted) == 0:
         return float('nan')
-    return float(scipy.stats.pearsonr(fitted, target)[0])
+    # A falling curve (b1 < b2) fits predictions that fall as the labels rise: the
+    # correlation then keeps that direction's sign, as SRCC does, instead of reading as
+    # a positive PLCC.
+    direction = 1.0 if params[0] >= params[1] else -1.0
+    return direction * float(scipy.stats.pearsonr(fitted, target)[0])
 
 
 def dataset_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:

@@ -107,6 +107,8 @@ class Preprocessing:
             raise UsageError(f'--crops must be at least 1, got {self.crops}')
         if self.crop_mode == 'center' and self.crops != 1:
             raise UsageError(f"crop mode 'center' gives one crop per image, got --crops {self.crops}")
+        if self.seed < 0:
+            raise UsageError(f'--seed must be 0 or more, got {self.seed}')
 
     def describe(self) -> str:
         return (f'resize {format_resize(self.resize)}, {self.crops} {self.crop_mode} crop'

@@ -157,15 +157,19 @@ def grid_crop_offsets(height: int, width: int, crop: int,
     """`count` top-left (y, x) offsets on an evenly spaced rows x cols grid.
 
     rows x cols = count with rows the largest divisor <= sqrt(count) (20 -> 4x5;
-    a prime count gives one row). The grid spans the image from edge to edge.
+    a prime count gives one row). The grid spans the image from edge to edge; an axis
+    with a single position has it centred (as `center_crop_offset`).
     """
     rows = max(r for r in range(1, int(math.isqrt(count)) + 1) if count % r == 0)
     cols = count // rows
     if height > width:  # put the longer grid side along the longer image side
         rows, cols = cols, rows
-    ys = np.linspace(0, height - crop, rows).round().astype(int)
-    xs = np.linspace(0, width - crop, cols).round().astype(int)
-    return [(int(y), int(x)) for y in ys for x in xs]
+
+    def positions(length: int, n: int) -> list[int]:
+        if n == 1:
+            return [int(round((length - crop) / 2.0))]
+        return [int(v) for v in np.linspace(0, length - crop, n).round()]
+    return [(y, x) for y in positions(height, rows) for x in positions(width, cols)]
 
 
 def jpeg_aligned_offset(offset: tuple[int, int], height: int, width: int,

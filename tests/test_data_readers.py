@@ -131,6 +131,51 @@ def test_csv_folder_seeded_split_by_fractions(tmp_path):
     assert a.splits == readers.read_csv_folder(csv_path, fractions=(0.6, 0.2, 0.2), seed=1).splits
 
 
+def test_a_missing_or_broken_file_moves_no_other_image_to_another_split(tmp_path):
+    csv_path = fx.make_csv_folder(str(tmp_path), n=30)
+    clean = readers.read_csv_folder(csv_path, seed=3)
+    split_of = {r.name: s for s, recs in clean.items() for r in recs}
+    victims = [clean['train'][0].name, clean['test'][0].name]
+    os.remove(tmp_path / victims[0])
+    (tmp_path / victims[1]).write_bytes(b'not a png')
+    # The TFDS builders decode every file (verify_images), the trainer does not: the two
+    # must agree on every split, and both keep the clean read's split for every image.
+    for verify in (False, True):
+        damaged = readers.read_csv_folder(csv_path, seed=3, verify_images=verify)
+        kept = {r.name: s for s, recs in damaged.items() for r in recs}
+        expected = {n: s for n, s in split_of.items()
+                    if n != victims[0] and (n != victims[1] or not verify)}
+        assert kept == expected
+        assert {p.name for p in damaged.report.problems} == (
+            set(victims) if verify else {victims[0]})
+
+
+def test_malformed_metadata_is_named_not_a_traceback(tmp_path):
+    # A short row: its missing fields are empty (excluded with a reason), not None.
+    csv_path = fx.make_csv_folder(str(tmp_path), n=6)
+    with open(csv_path, 'a') as f:
+        f.write('images/extra.png\n')
+    splits = readers.read_csv_folder(csv_path, group_column='score')
+    assert sum(len(v) for _, v in splits.items()) == 6
+    assert any('empty' in p.reason for p in splits.report.problems)
+    latin = tmp_path / 'latin1.csv'
+    latin.write_bytes('image,score\nimages/caf\xe9.png,3\n'.encode('latin-1'))
+    with pytest.raises(quality.DataError, match=r'latin1.csv: not UTF-8 text'):
+        readers.read_csv_folder(str(latin))
+    # SPAQ's score sheet: a file that is not a workbook, and an empty sheet.
+    spaq = tmp_path / 'spaq'
+    fx.make_spaq(str(spaq), n=3)
+    xlsx = spaq / 'Annotations' / readers.SPAQ_XLSX
+    import openpyxl
+    book = openpyxl.Workbook()
+    book.save(xlsx)
+    with pytest.raises(quality.DataError, match='the first sheet is empty'):
+        readers.read_spaq(str(spaq))
+    xlsx.write_bytes(b'not a workbook')
+    with pytest.raises(quality.DataError, match=f'{readers.SPAQ_XLSX}: not a readable .xlsx'):
+        readers.read_spaq(str(spaq))
+
+
 def test_csv_folder_missing_column_is_a_clear_error(tmp_path):
     csv_path = fx.make_csv_folder(str(tmp_path), n=3)
     with pytest.raises(quality.DataError, match=r"labels.csv: missing column\(s\) \['mos'\]"):

@@ -92,3 +92,5 @@ def test_logistic_plcc_recovers_a_monotonic_link():
     fitted = evaluate.plcc_after_logistic(pred, target)
     assert fitted > raw and fitted > 0.99
     assert math.isnan(evaluate.plcc_after_logistic(np.ones(10), target[:10]))
+    # Predictions that fall as the labels rise keep the sign SRCC gives them.
+    assert evaluate.plcc_after_logistic(-pred, target) == pytest.approx(-fitted, abs=1e-6)

@@ -108,9 +108,11 @@ def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, caps
     assert predict.main(['--checkpoint', ckpt, *good, '--crop-mode', 'center', '--crops', '3']) == 2
     assert predict.main(['--checkpoint', ckpt, *good, '--output', str(tmp_path / 'x.xlsx')]) == 2
     assert predict.main(['--checkpoint', ckpt, *good, '--bogus']) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--seed', '-1']) == 2
     assert predict.main(['--checkpoint', ckpt, *good, '--attention', 'pallas', *FAST]) == 2
     err = capsys.readouterr().err
     assert 'no input images found' in err and 'no_ckpt' in err and '512by384' in err
+    assert '--seed must be 0 or more, got -1' in err
     assert "--attention: attention='pallas' runs on GPUs" in err   # once, before any file
 
 

@@ -562,6 +562,8 @@ def make_eval_loader(source: Any, *, batch_size: Optional[int] = None,
         raise ValueError(f'crop_mode must be one of {CROP_MODES}, got {crop_mode!r}')
     if crop_mode == 'center' and crops != 1:
         raise ValueError(f"crop_mode 'center' gives one crop per image, got crops={crops}")
+    if seed < 0:
+        raise ValueError(f'seed must be 0 or more, got {seed}')
     shard_index, shard_count = _shards(shard_index, shard_count)
     per_host = _per_host_batch(batch_size, global_batch_size, shard_count)
     _absl_flags_for_workers(worker_count)

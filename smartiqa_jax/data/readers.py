@@ -92,38 +92,45 @@ def split_by_fractions(records: Sequence[Record], fractions: Sequence[float],
     the same seed always gives the same split. `fractions` are (train,
     validation, test) and must sum to 1; a fraction of 0 gives an empty split.
     """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError('split fractions must be 3 non-negative numbers summing to 1, '
-                         f'got {fractions}')
-    groups = sorted({r.group or r.name for r in records})
-    order = np.random.default_rng(seed).permutation(len(groups))
-    bounds = np.round(np.cumsum(fractions) * len(groups)).astype(int)
-    split_of = {}
-    for position, g in enumerate(order):
-        split_of[groups[g]] = SPLITS[int(np.searchsorted(bounds, position, side='right'))]
+    split_of = _split_groups({r.group or r.name for r in records}, fractions, seed)
     out = {s: [] for s in SPLITS}
     for r in records:
         out[split_of[r.group or r.name]].append(r)
     return out
 
 
+def _split_groups(groups: Iterable[str], fractions: Sequence[float], seed: int
+                  ) -> dict[str, str]:
+    """{group: split} of split_by_fractions."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError('split fractions must be 3 non-negative numbers summing to 1, '
+                         f'got {fractions}')
+    groups = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(groups))
+    bounds = np.round(np.cumsum(fractions) * len(groups)).astype(int)
+    return {groups[g]: SPLITS[int(np.searchsorted(bounds, position, side='right'))]
+            for position, g in enumerate(order)}
+
+
 def _assemble(rows: Iterable[_Row], *, dataset: str, images_dir: str,
               scale: ScoreScale, strict: bool, verify_images: bool,
               fractions: Sequence[float], seed: int,
               split_names: Optional[Mapping[str, str]] = None) -> Splits:
-    """Validates rows (duplicates, scores, files, optional decode) and splits them."""
+    """Validates rows (duplicates, scores, files, optional decode) and splits them.
+
+    Without a split column the seeded split is made from the metadata (every
+    listed row with a usable score), before any image file is looked at: a
+    missing or undecodable file leaves its own split one image short and moves
+    no other image. (The TFDS builders decode every image to check it, the
+    trainer does not; both must give the same test set.)
+    """
     report = quality.DataReport(dataset, strict=strict)
     rows = quality.drop_duplicates(list(rows), lambda r: r.name, report)
-    records, record_split = [], []
+    listed = []   # (row, score, split named by the metadata or None)
     for row in rows:
         score, why = quality.parse_score(row.score)
         if score is None:
             report.exclude(row.name, why)
-            continue
-        path = os.path.join(images_dir, row.name)
-        why = quality.check_file(path)
-        if why:
-            report.exclude(row.name, f'{why} ({path})')
             continue
         split = None
         if row.split is not None:
@@ -132,6 +139,17 @@ def _assemble(rows: Iterable[_Row], *, dataset: str, images_dir: str,
             if split not in SPLITS:
                 report.exclude(row.name, f'unknown split {row.split!r}')
                 continue
+        listed.append((row, score, split))
+    if listed and any(split is None for _, _, split in listed):
+        split_of = _split_groups({row.group or row.name for row, _, _ in listed}, fractions, seed)
+        listed = [(row, score, split_of[row.group or row.name]) for row, score, _ in listed]
+    records, record_split = [], []
+    for row, score, split in listed:
+        path = os.path.join(images_dir, row.name)
+        why = quality.check_file(path)
+        if why:
+            report.exclude(row.name, f'{why} ({path})')
+            continue
         records.append(Record(os.path.abspath(path), score, row.name, scale, row.group))
         record_split.append(split)
     if verify_images and records:
@@ -146,12 +164,9 @@ def _assemble(rows: Iterable[_Row], *, dataset: str, images_dir: str,
     if not records:
         raise quality.DataError(
             f'{dataset}: no usable images left in {images_dir}\n{report.summary()}')
-    if all(s is not None for s in record_split):
-        splits = {s: [] for s in SPLITS}
-        for r, s in zip(records, record_split):
-            splits[s].append(r)
-    else:
-        splits = split_by_fractions(records, fractions, seed)
+    splits = {s: [] for s in SPLITS}
+    for r, s in zip(records, record_split):
+        splits[s].append(r)
     report.kept = {s: len(v) for s, v in splits.items()}
     log.info('%s', report.summary())
     return Splits(splits, report)
@@ -169,14 +184,19 @@ def _find(root: str, candidates: Sequence[str], what: str) -> str:
 
 def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
     """CSV rows as dicts; DataError naming the file when a column is missing."""
-    with open(path, newline='', encoding='utf-8-sig') as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise quality.DataError(f'{path}: missing column(s) {missing}; header is {header}')
-        return list(reader)
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            # A short row's missing fields read as '' (an empty score, an empty name:
+            # excluded with that reason), not None.
+            reader = csv.DictReader(f, restval='')
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            reader.fieldnames = header
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise quality.DataError(f'{path}: missing column(s) {missing}; header is {header}')
+            return list(reader)
+    except UnicodeDecodeError as e:
+        raise quality.DataError(f'{path}: not UTF-8 text ({e}); save the CSV as UTF-8') from None
 
 
 # --------------------------------------------------------------------------
@@ -263,10 +283,17 @@ def read_spaq(root: str, *, images_dir: Optional[str] = None,
     import openpyxl  # only SPAQ needs it
 
     xlsx = _find(root, [os.path.join('Annotations', SPAQ_XLSX), SPAQ_XLSX], 'SPAQ score sheet')
-    book = openpyxl.load_workbook(xlsx, read_only=True, data_only=True)
+    try:
+        book = openpyxl.load_workbook(xlsx, read_only=True, data_only=True)
+    except Exception as e:   # zipfile.BadZipFile, KeyError, InvalidFileException...
+        raise quality.DataError(f'{xlsx}: not a readable .xlsx workbook '
+                                f'({type(e).__name__}: {e})') from None
     try:
         sheet_rows = book.worksheets[0].iter_rows(values_only=True)
-        header = [str(h).strip() if h is not None else '' for h in next(sheet_rows)]
+        first = next(sheet_rows, None)
+        if first is None:
+            raise quality.DataError(f'{xlsx}: the first sheet is empty')
+        header = [str(h).strip() if h is not None else '' for h in first]
         for col in ('Image name', 'MOS'):
             if col not in header:
                 raise quality.DataError(f'{xlsx}: missing column {col!r}; header is {header}')
