@@ -1,5 +1,10 @@
 """Training losses for quality regression (SPEC 2; the paper's Table V).
 
+Table V's five, as the released code computes them: `l1`, `l2`, `plcc` ("SRCC
+loss"), `rank` and `pairwise` (fidelity). Two more of ours: `rank_hinge` (a margin
+ranking hinge) and `fidelity` (Thurstone fidelity on the label order, with a score
+noise in label units), which differ from the released pairwise forms.
+
 Every loss takes the batch's predicted scores and its labels, both (B,) float
 on the label scale (KonIQ MOS, 0..100), and returns a scalar. They are pure
 functions of arrays: under `jit` with a batch sharded over devices they see
@@ -73,6 +78,45 @@ def ranking_hinge_loss(pred: jax.Array, target: jax.Array, *,
     return jnp.sum(jnp.where(ranked, hinge, 0.0)) / jnp.maximum(jnp.sum(ranked), 1)
 
 
+def _distinct_label_pairs(target_diff: jax.Array) -> jax.Array:
+    """(B, B) mask of the pairs i != j whose labels differ (as released: |t_i - t_j| > 1e-6)."""
+    return jnp.abs(target_diff) > 1e-6
+
+
+def _mean_over(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `values` where `mask`; 0 when the mask is empty."""
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def released_rank_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """The released code's pairwise rank loss (the paper's Table V "rank").
+
+    For each pair with different labels, max(0, |p_i - p_j| - e_ij (t_i - t_j)) with
+    e_ij = +1 when p_i >= p_j, else -1: a pair in the right order costs how much its
+    predicted gap exceeds the label gap, a pair in the wrong order both gaps.
+    Averaged over those pairs; 0 when every label is equal.
+    """
+    pred_diff, target_diff = _pair_terms(pred, target)
+    e = jnp.where(pred_diff >= 0, 1.0, -1.0)
+    loss = jnp.maximum(0.0, jnp.abs(pred_diff) - e * target_diff)
+    return _mean_over(loss, _distinct_label_pairs(target_diff))
+
+
+def released_fidelity_loss(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """The released code's pairwise fidelity loss (the paper's Table V "pairwise").
+
+    Label probability that i beats j: sigmoid(t_i - t_j) (label units); predicted:
+    Phi((p_i - p_j) / (sqrt(2) * 0.1)), with Phi(x) taken as sigmoid(1.702 x) as
+    released. Per pair 1 - sqrt(p p_hat + 1e-8) - sqrt((1-p)(1-p_hat) + 1e-8),
+    averaged over the pairs with different labels; 0 when every label is equal.
+    """
+    pred_diff, target_diff = _pair_terms(pred, target)
+    p = jax.nn.sigmoid(target_diff)
+    p_hat = jax.nn.sigmoid(1.702 * pred_diff / (jnp.sqrt(2.0) * 0.1))
+    loss = 1.0 - jnp.sqrt(p * p_hat + 1e-8) - jnp.sqrt((1.0 - p) * (1.0 - p_hat) + 1e-8)
+    return _mean_over(loss, _distinct_label_pairs(target_diff))
+
+
 def _safe_sqrt(x: jax.Array) -> jax.Array:
     """sqrt with a zero gradient at 0 (plain sqrt's is infinite, giving NaNs)."""
     positive = x > 0
@@ -95,15 +139,17 @@ def fidelity_loss(pred: jax.Array, target: jax.Array, *,
     p = 0.5 * (1.0 + jnp.sign(target_diff))
     fidelity = _safe_sqrt(p * p_hat) + _safe_sqrt((1.0 - p) * (1.0 - p_hat))
     off_diagonal = 1.0 - jnp.eye(pred.shape[0], dtype=pred.dtype)
-    return jnp.sum((1.0 - fidelity) * off_diagonal) / jnp.sum(off_diagonal)
+    return jnp.sum((1.0 - fidelity) * off_diagonal) / jnp.maximum(jnp.sum(off_diagonal), 1.0)
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {
     'l1': l1_loss,
     'l2': l2_loss,
     'plcc': plcc_loss,
-    'rank_hinge': ranking_hinge_loss,
-    'fidelity': fidelity_loss,
+    'rank': released_rank_loss,           # Table V, as released
+    'pairwise': released_fidelity_loss,   # Table V, as released
+    'rank_hinge': ranking_hinge_loss,     # ours: a margin ranking hinge
+    'fidelity': fidelity_loss,            # ours: Thurstone fidelity on the label order
 }
 
 # Which keyword parameters each loss takes from the config's `train.loss_params`.

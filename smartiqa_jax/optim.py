@@ -1,11 +1,14 @@
 """The optimiser: AdamW with a learning rate and schedule per parameter group.
 
-SPEC 2: the Swin backbone trains at 5e-7 and everything else (the "head":
-local distortion branches, attention, hyper network) at 10x that, both with
-cosine annealing to a floor, weight decay 2e-4 and global-norm clipping at 1.
+SPEC 2: the backbone trains at 5e-7 and everything else (the "head": stage
+attention, hyper network, score layers) at 10x that, both with cosine annealing to
+a floor, weight decay 2e-4 and global-norm clipping at 1. The backbone group is
+the released code's `swin` module, whose parameters it hands the backbone rate:
+the Swin Transformer and the four local-distortion branches (`swin.lda*`, SPEC
+1.6), which sit inside that module.
 
 Every parameter gets a group label from its path (`param_labels`): a path
-starting with `backbone` is 'backbone', all else 'head'. Unlabelled
+starting with one of BACKBONE_MODULES is 'backbone', all else 'head'. Unlabelled
 parameters are an error, so a renamed module cannot silently fall outside
 the optimiser. Gradient clipping runs on the whole gradient before the groups
 split, as torch's `clip_grad_norm_` over all parameters does.
@@ -23,6 +26,9 @@ import ml_collections
 import optax
 
 GROUPS = ('backbone', 'head')
+# Our modules that make up the released `swin` module: Swin and the local-distortion
+# branches (their 1x1 convs and Linears).
+BACKBONE_MODULES = ('backbone', 'lda_convs', 'lda_fcs')
 # The layers that generate the target network's last weights and bias (w5, b5):
 # the score is b5 + w5 . q, so they alone set its scale. `make_optimizer` can
 # give them a group of their own ('score', see there).
@@ -44,13 +50,13 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def group_of(path_names: tuple[str, ...], score_group: bool = False) -> str:
-    """'backbone' for parameters under the model's `backbone`, else 'head'.
+    """'backbone' for parameters under BACKBONE_MODULES, else 'head'.
 
     With `score_group`, the SCORE_LAYERS are 'score' instead of 'head'.
     """
     if score_group and path_names and path_names[0] in SCORE_LAYERS:
         return 'score'
-    return 'backbone' if path_names and path_names[0] == 'backbone' else 'head'
+    return 'backbone' if path_names and path_names[0] in BACKBONE_MODULES else 'head'
 
 
 def param_labels(params, score_group: bool = False) -> Any:

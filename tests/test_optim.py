@@ -27,8 +27,13 @@ def _params():
 
 
 def test_labels_follow_the_backbone_prefix():
-    labels = optim.param_labels(_params())
+    params = {**_params(), 'lda_convs': {0: {'kernel': jnp.ones((1, 1, 2, 2))}},
+              'lda_fcs': {3: {'kernel': jnp.ones((2, 2))}}}
+    labels = optim.param_labels(params)
     assert labels['backbone']['layers_0']['kernel'] == 'backbone'
+    # The released code's `swin` module holds the local-distortion branches too (SPEC 1.6:
+    # swin.lda*), and hands them the backbone rate.
+    assert labels['lda_convs'][0]['kernel'] == labels['lda_fcs'][3]['kernel'] == 'backbone'
     assert labels['hyper_convs'][0]['kernel'] == 'head'
     assert labels['b5_fc']['bias'] == 'head'
 
@@ -44,6 +49,14 @@ def test_every_model_parameter_has_a_group():
     assert counts['backbone'] + counts['head'] == total
     labels = jax.tree.leaves(optim.param_labels(params))
     assert set(labels) == {'backbone', 'head'}
+    # By the released names: 'backbone' is exactly what the released `swin.` prefix holds.
+    from smartiqa_jax import weights
+    released = {e.jax_path: e.torch_key for e in weights.name_map(abstract.config)}
+    by_path = dict(jax.tree_util.tree_leaves_with_path(
+        optim.param_labels(nnx.to_pure_dict(params))))
+    for path, label in by_path.items():
+        key = tuple(getattr(k, 'key', getattr(k, 'idx', k)) for k in path)
+        assert (label == 'backbone') == released[key].startswith('swin.'), (key, label)
 
 
 def test_each_group_moves_at_its_own_learning_rate():
