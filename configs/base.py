@@ -85,7 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.cache = False                # decode + resize once into a memory-mapped file
     config.data.num_workers = 0              # grain worker processes
     # Shards of the training stream; -1: one per process. The data order depends
-    # on this number only, so a run can resume on a different number of hosts.
+    # on this number only, so a run gives the same model on 1 or several hosts (a
+    # resumed run needs the process count it was started with).
     config.data.shard_count = -1
     config.data.max_images_per_split = -1    # > 0: use only this many per split (quick checks)
     # Cross-dataset test sets, 'name=root' comma-separated, e.g. 'spaq=/data/spaq'.

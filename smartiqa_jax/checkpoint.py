@@ -117,6 +117,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             for step, p in steps:
                 if step == wanted:
                     return p
+            raise CheckpointError(
+                f'{best} names step {wanted}, which is not in {root} (steps there: '
+                f'{", ".join(str(step) for step, _ in steps)}); pass one of those step '
+                'directories to choose a model')
         return steps[-1][1]
     raise CheckpointError(f'{path}: not a SMART-IQA checkpoint (expected {PARAMS}/ and '
                           f'{MODEL_CONFIG}/ inside it, or numbered step directories that have them)')

@@ -28,14 +28,16 @@ def quality_metrics(pred, target) -> dict[str, float]:
 
     Returns:
       {'srcc', 'plcc', 'krcc', 'rmse'} as Python floats. A correlation is NaN
-      when it is undefined (fewer than 2 images, or constant predictions).
+      when it is undefined (fewer than 2 images, constant predictions, or a
+      non-finite prediction).
     """
     pred = np.asarray(pred, np.float64).reshape(-1)
     target = np.asarray(target, np.float64).reshape(-1)
     if pred.shape != target.shape:
         raise ValueError(f'pred {pred.shape} and target {target.shape} differ.')
     rmse = float(np.sqrt(np.mean((pred - target) ** 2))) if pred.size else float('nan')
-    if pred.size < 2 or np.ptp(pred) == 0 or np.ptp(target) == 0:
+    if (pred.size < 2 or not np.all(np.isfinite(pred)) or np.ptp(pred) == 0
+            or np.ptp(target) == 0):
         nan = float('nan')
         return {'srcc': nan, 'plcc': nan, 'krcc': nan, 'rmse': rmse}
     return {

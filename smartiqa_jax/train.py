@@ -39,6 +39,10 @@ class DatasetNotFoundError(RuntimeError):
     """The config's dataset is not on disk; the message says how to get it."""
 
 
+class ConfigError(ValueError):
+    """A config value the run cannot use; the message names the key."""
+
+
 # How to obtain each dataset, for the message when it is missing.
 _HOW_TO_GET = {
     'koniq10k': (
@@ -74,7 +78,7 @@ CSV_SPLIT_NAMES = {'training': 'train', 'val': 'validation', 'valid': 'validatio
 def csv_options(csv: ml_collections.ConfigDict) -> dict[str, Any]:
     """config.data.csv as keyword arguments of data.read_csv_folder ('' / (): its default)."""
     if csv.score_range and len(csv.score_range) != 2:
-        raise ValueError(f'config.data.csv.score_range must be (low, high), got {csv.score_range}')
+        raise ConfigError(f'config.data.csv.score_range must be (low, high), got {csv.score_range}')
     return dict(image_column=csv.image_column, score_column=csv.score_column,
                 split_column=csv.split_column or None, split_names=CSV_SPLIT_NAMES,
                 group_column=csv.group_column or None,
@@ -84,12 +88,14 @@ def csv_options(csv: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def load_splits(dataset: str, root: str, *, seed: int = 0,
-                csv: ml_collections.ConfigDict | None = None):
+                csv: ml_collections.ConfigDict | None = None,
+                setting: str = 'config.data.root'):
     """Records of every split of `dataset` under `root` (readers in smartiqa_jax.data).
 
     seed: the seeded split of datasets without an official one (SPAQ, KADID-10k,
     AGIQA-3K, a CSV without a split column); for 'demo', the dataset's own seed.
     csv: config.data.csv, the columns of a 'csv' dataset (`root` is then the CSV).
+    setting: the config key that gave `root`, for the message.
     Raises DatasetNotFoundError, naming where it looked and how to get the
     data, when the files are not there.
     """
@@ -110,7 +116,7 @@ def load_splits(dataset: str, root: str, *, seed: int = 0,
             problem = str(e)
     raise DatasetNotFoundError(
         f'Dataset {dataset!r} not found: looked in {root or "(no path)"} '
-        f'(config.data.root): {problem}.\n'
+        f'({setting}): {problem}.\n'
         f'{_HOW_TO_GET.get(dataset, "See the README for the supported datasets.")}\n'
         f'Then pass --config.data.root=ROOT (cross-dataset sets: --config.data.cross_datasets).\n'
         f'configs/demo.py trains on a built-in demo dataset without any download:\n'
@@ -123,9 +129,22 @@ def _parse_cross_datasets(spec: str) -> list[tuple[str, str]]:
     for item in filter(None, (s.strip() for s in spec.split(','))):
         name, sep, root = item.partition('=')
         if not sep:
-            raise ValueError(f'config.data.cross_datasets entry {item!r} is not name=root')
+            raise ConfigError(f'config.data.cross_datasets entry {item!r} is not name=root')
         pairs.append((name.strip(), root.strip()))
     return pairs
+
+
+def shard_layout(data_config, global_batch_size: int) -> tuple[int, int]:
+    """(shards of the training stream, shards this process reads): config.data.shard_count."""
+    processes = jax.process_count()
+    shard_count = data_config.shard_count if data_config.shard_count > 0 else processes
+    if shard_count % processes:
+        raise ConfigError(f'config.data.shard_count {shard_count} must be a multiple of '
+                          f'the {processes} processes.')
+    if global_batch_size % shard_count:
+        raise ConfigError(f'The batch size {global_batch_size} does not divide into '
+                          f'{shard_count} data shards.')
+    return shard_count, shard_count // processes
 
 
 class TrainFeed:
@@ -142,15 +161,8 @@ class TrainFeed:
     def __init__(self, records, data_config: ml_collections.ConfigDict, *,
                  global_batch_size: int, seed: int):
         from smartiqa_jax.data import as_source, make_decoded_cache, make_train_loader
-        processes, index = jax.process_count(), jax.process_index()
-        shard_count = data_config.shard_count if data_config.shard_count > 0 else processes
-        if shard_count % processes:
-            raise ValueError(f'config.data.shard_count {shard_count} must be a multiple of '
-                             f'the {processes} processes.')
-        if global_batch_size % shard_count:
-            raise ValueError(f'The batch size {global_batch_size} does not divide into '
-                             f'{shard_count} data shards.')
-        per_process = shard_count // processes
+        index = jax.process_index()
+        shard_count, per_process = shard_layout(data_config, global_batch_size)
         source = as_source(records)
         # Every shard samples from the whole split (each epoch's shuffle is
         # global), so each needs every image: one decoded cache per process,
@@ -209,15 +221,22 @@ class EvalSet:
         self.labels = image_scores(records)
 
     def evaluate(self, eval_step, params, mesh) -> dict[str, float]:
-        """Per-image SRCC/PLCC/KRCC/RMSE after averaging each image's crops."""
-        per_image = self.predict(eval_step, params, mesh)
-        keep = np.isfinite(per_image)  # images that failed to decode have no crops
-        result = quality_metrics(per_image[keep], self.labels[keep])
-        result['images'] = int(keep.sum())
+        """Per-image SRCC/PLCC/KRCC/RMSE after averaging each image's crops.
+
+        Images that failed to decode (no crop) are left out and not counted; a
+        non-finite score of an image the model did see makes every metric NaN
+        (a diverged model must not win an epoch on the images it still scores).
+        """
+        per_image, scored = self.predict(eval_step, params, mesh, with_scored=True)
+        result = quality_metrics(per_image[scored], self.labels[scored])
+        result['images'] = int(scored.sum())
         return result
 
-    def predict(self, eval_step, params, mesh) -> np.ndarray:
-        """(n_images,) scores, each the mean of its crops; NaN where an image failed."""
+    def predict(self, eval_step, params, mesh, *, with_scored: bool = False):
+        """(n_images,) scores, each the mean of its crops; NaN where an image failed.
+
+        with_scored: also return the (n_images,) bool mask of images with a crop.
+        """
         from smartiqa_jax.data import aggregate_crops
         preds, indices, masks = [], [], []
         for batch in self.loader:
@@ -230,7 +249,12 @@ class EvalSet:
             from jax.experimental import multihost_utils
             local = [np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
                      for x in local]
-        return aggregate_crops(local[1], local[0], self.loader.num_images, mask=local[2])
+        per_image = aggregate_crops(local[1], local[0], self.loader.num_images, mask=local[2])
+        if not with_scored:
+            return per_image
+        valid = (local[1] >= 0) & local[2].astype(bool)
+        scored = np.bincount(local[1][valid], minlength=self.loader.num_images) > 0
+        return per_image, scored
 
 
 def _local_rows(array: jax.Array) -> np.ndarray:
@@ -257,19 +281,22 @@ def model_config_from(config: ml_collections.ConfigDict, scale=None):
     try:
         swin.check_attention_backend(m.attention)
     except ValueError as e:
-        raise ValueError(f'config.model.attention: {e}') from None
+        raise ConfigError(f'config.model.attention: {e}') from None
     labels = {}
     if config.data.label_name or scale is not None:
         labels['label_name'] = (config.data.label_name
                                 or f'{config.data.dataset} {scale.label}')
     if config.data.label_range or scale is not None:
         labels['label_range'] = tuple(config.data.label_range or (scale.low, scale.high))
-    return ModelConfig(
-        variant=m.variant, fusion=m.fusion,
-        dropout=None if m.dropout < 0 else m.dropout,
-        drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
-        attention_dropout=m.attention_dropout, **labels,
-        dtype=config.train.compute_dtype, attention=m.attention, patch_norm=m.patch_norm)
+    try:
+        return ModelConfig(
+            variant=m.variant, fusion=m.fusion,
+            dropout=None if m.dropout < 0 else m.dropout,
+            drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
+            attention_dropout=m.attention_dropout, **labels,
+            dtype=config.train.compute_dtype, attention=m.attention, patch_norm=m.patch_norm)
+    except ValueError as e:
+        raise ConfigError(f'config.model: {e}') from None
 
 
 # The model settings a whole-model checkpoint (config.model.init_from) decides.
@@ -289,8 +316,8 @@ def load_init_model(config: ml_collections.ConfigDict):
         return None
     from smartiqa_jax import checkpoint, weights
     if config.model.backbone_weights:
-        raise ValueError('config.model.init_from and config.model.backbone_weights both give '
-                         'the backbone; set one of them')
+        raise ConfigError('config.model.init_from and config.model.backbone_weights both give '
+                          'the backbone; set one of them')
     path = _expand(config.model.init_from)
     try:
         return checkpoint.load(path)
@@ -330,7 +357,7 @@ def label_range_map(source: Sequence[float], target: Sequence[float]
     if (lo, hi) == (new_lo, new_hi):
         return None
     if not hi > lo:
-        raise ValueError(f'label range {(lo, hi)} of model.init_from is empty')
+        raise ConfigError(f'label range {(lo, hi)} of model.init_from is empty')
     a = (new_hi - new_lo) / (hi - lo)
     return a, new_lo - a * lo
 
@@ -357,8 +384,8 @@ def score_scale_of(config, labels: Sequence[float]) -> float:
     if config.model.score_scale == 'label_std':
         return float(np.std(labels)) or 1.0
     if config.model.score_scale != 'model':
-        raise ValueError(f"config.model.score_scale must be 'model' or 'label_std', "
-                         f"got {config.model.score_scale!r}")
+        raise ConfigError(f"config.model.score_scale must be 'model' or 'label_std', "
+                          f"got {config.model.score_scale!r}")
     return 1.0
 
 
@@ -373,16 +400,16 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
     from smartiqa_jax.models.smartiqa import SmartIQA
     from smartiqa_jax.optim import SCORE_LAYERS
     if config.model.backbone_init != 'timm' and config.model.backbone_weights:
-        raise ValueError(f'config.model.backbone_init={config.model.backbone_init!r} is for '
-                         'training from scratch; it would overwrite config.model.backbone_weights')
+        raise ConfigError(f'config.model.backbone_init={config.model.backbone_init!r} is for '
+                          'training from scratch; it would overwrite config.model.backbone_weights')
     train_graphdef, eval_graphdef, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
     if init is not None:
         loaded = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init, nnx.Param)))
         if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
                 a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))):
-            raise ValueError('config.model.init_from: its parameters do not fit the '
-                             f'{model_config.variant}/{model_config.fusion} model')
+            raise ConfigError('config.model.init_from: its parameters do not fit the '
+                              f'{model_config.variant}/{model_config.fusion} model')
         mapping = label_range_map(init.config.label_range, model_config.label_range)
         if mapping:
             loaded = fold_affine(loaded, *mapping)
@@ -417,8 +444,8 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
             return leaf
         pure['backbone'] = jax.tree_util.tree_map_with_path(rescale, pure['backbone'])
     elif config.model.backbone_init != 'timm':
-        raise ValueError(f"config.model.backbone_init must be 'timm' or 'fan_in', "
-                         f"got {config.model.backbone_init!r}")
+        raise ConfigError(f"config.model.backbone_init must be 'timm' or 'fan_in', "
+                          f"got {config.model.backbone_init!r}")
     if config.model.hyper_conv_init == 'kaiming':
         # The released 1x1 conv stack before the hyper feature has PyTorch's
         # default init (uniform, variance 1/(3 fan_in)): with ReLUs each layer
@@ -431,8 +458,8 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         for layer in editable()['hyper_convs'].values():
             layer['kernel'] = np.asarray(layer['kernel']) * np.sqrt(6.0)
     elif config.model.hyper_conv_init != 'model':
-        raise ValueError(f"config.model.hyper_conv_init must be 'model' or 'kaiming', "
-                         f"got {config.model.hyper_conv_init!r}")
+        raise ConfigError(f"config.model.hyper_conv_init must be 'model' or 'kaiming', "
+                          f"got {config.model.hyper_conv_init!r}")
     if score_scale != 1.0:
         # The score is b5 + w5 . q with w5 and b5 Linears of the hyper feature.
         # From a random backbone its spread over images starts far below a
@@ -453,8 +480,8 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         bias = editable()['b5_fc']['bias']
         host['b5_fc']['bias'] = np.full_like(bias, mean_label)
     elif config.model.score_bias_init != 'model':
-        raise ValueError(f"config.model.score_bias_init must be 'model' or 'mean_label', "
-                         f"got {config.model.score_bias_init!r}")
+        raise ConfigError(f"config.model.score_bias_init must be 'model' or 'mean_label', "
+                          f"got {config.model.score_bias_init!r}")
     if host:
         params = sharding.replicate(host, mesh)
     return train_graphdef, eval_graphdef, params
@@ -503,7 +530,7 @@ class MetricLog:
             self.jsonl = open(path, 'a')
             self.tensorboard = SummaryWriter(
                 os.path.join(workdir, 'tensorboard'),
-                purge_step=resume_step + 1 if resume_step else None)
+                purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         if not self.active:
@@ -620,13 +647,96 @@ def _nan_to_none(values: dict) -> dict:
             for k, v in values.items()}
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a value that would fail later, after the data is read."""
+    from smartiqa_jax.data.pipeline import CROP_MODES
+    t = config.train
+    problems = []
+    if t.loss not in losses.LOSSES:
+        problems.append(f'train.loss {t.loss!r} is not one of {", ".join(losses.LOSSES)}')
+    if config.optim.schedule_unit not in ('epoch', 'step'):
+        problems.append(f"optim.schedule_unit {config.optim.schedule_unit!r} is not 'epoch' "
+                        "or 'step'")
+    if config.data.eval_crop_mode not in CROP_MODES:
+        problems.append(f'data.eval_crop_mode {config.data.eval_crop_mode!r} is not one of '
+                        f'{", ".join(CROP_MODES)}')
+    for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps',
+                'checkpoint_every_steps', 'keep_checkpoints'):
+        if t[key] < 1:
+            problems.append(f'train.{key} must be at least 1, got {t[key]}')
+    for key in ('patches_per_image', 'eval_crops'):
+        if config.data[key] < 1:
+            problems.append(f'data.{key} must be at least 1, got {config.data[key]}')
+    if problems:
+        raise ConfigError('config: ' + '; '.join(problems))
+
+
+def _check_splits(splits, config) -> None:
+    for name in ('train', 'validation', 'test'):
+        if not splits[name]:
+            raise ConfigError(
+                f'the {name} split of {config.data.dataset} in {config.data.root} is empty: '
+                'the run trains on train, chooses its epoch on validation and tests on test '
+                '(a CSV: check its split column, config.data.csv.split_column)')
+
+
+# Settings a resumed run may change: they do not change what it computes (or only
+# where it finds its files).
+RESUME_MAY_CHANGE = frozenset({
+    'train.progress_bar', 'train.log_every_steps', 'train.checkpoint_every_steps',
+    'train.keep_checkpoints', 'train.compilation_cache_dir', 'train.cpu_devices',
+    'train.eval_batch_size', 'data.root', 'data.num_workers', 'data.cache',
+    'data.cross_datasets', 'data.csv.images_dir', 'model.attention', 'model.init_from',
+    'model.backbone_weights'})
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+
+def check_resumable(config_json: dict, checkpoints: TrainCheckpoints, step: int,
+                    iterators: int) -> None:
+    """Raises ConfigError when `config_json` would not continue the run saved at `step`.
+
+    Every setting but RESUME_MAY_CHANGE must be the saved one (settings one side
+    lacks, from another version, are not compared), and the run needs as many
+    processes and data iterators per process as wrote the checkpoint.
+    """
+    saved = _flatten(checkpoints.stored_config(step))
+    now = _flatten(config_json)
+    differ = [f'{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now'
+              for key in sorted(saved.keys() & now.keys())
+              if key not in RESUME_MAY_CHANGE and saved[key] != now[key]]
+    if differ:
+        raise ConfigError(
+            f'{checkpoints.directory} holds a run with other settings, so it cannot resume '
+            f'with these; use another --workdir, or the run\'s own settings:\n  '
+            + '\n  '.join(differ))
+    layout = checkpoints.data_layout(step)
+    if layout is not None and layout != (jax.process_count(), iterators):
+        raise ConfigError(
+            f'{checkpoints.directory}/{step} was written by {layout[0]} process(es) reading '
+            f'{layout[1]} data shard(s) each; resume it with {layout[0]} process(es) '
+            f'(this run: {jax.process_count()} reading {iterators} each)')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config` in `workdir` (resuming if it holds checkpoints), then tests.
 
     Returns {'best_epoch', 'best_step', 'history', 'results': {set: metrics},
     'steps', 'train_seconds'}; the same is written to workdir/summary.json.
     """
-    sharding.set_cpu_devices(config.train.cpu_devices)   # before anything starts JAX
+    check_config(config)
+    try:
+        sharding.set_cpu_devices(config.train.cpu_devices)   # before anything starts JAX
+    except ValueError as e:
+        raise ConfigError(f'config.train.cpu_devices: {e}') from None
     compilation_cache.enable(config.train.compilation_cache_dir)
     workdir = _expand(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -637,12 +747,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          csv=config.data.csv)
     splits = {name: _limit(records, config.data.max_images_per_split)
               for name, records in splits.items()}
-    cross = [(name, load_splits(name, root)) for name, root in
-             _parse_cross_datasets(config.data.cross_datasets)]
+    _check_splits(splits, config)
+    cross = [(name, load_splits(name, root, setting='config.data.cross_datasets'))
+             for name, root in _parse_cross_datasets(config.data.cross_datasets)]
 
     mesh = sharding.make_mesh()
-    sharding.local_batch_size(config.train.batch_size, mesh)      # divisibility check
-    sharding.local_batch_size(config.train.eval_batch_size, mesh)
+    for key in ('batch_size', 'eval_batch_size'):
+        try:
+            sharding.local_batch_size(config.train[key], mesh)      # divisibility check
+        except ValueError as e:
+            raise ConfigError(f'config.train.{key}: {e}') from None
     # The parameters before the input pipelines: a bad backbone weights file
     # fails at once, not after the training split has been decoded (data.cache).
     init = load_init_model(config)
@@ -663,11 +777,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_graphdef, eval_graphdef, params = _build_params(
         config, model_config, mesh, mean_label=mean_label, score_scale=score_scale, init=init)
 
+    # Whether the workdir's run can go on with this config, before any data is decoded.
+    _, shards_here = shard_layout(config.data, config.train.batch_size)
+    checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints,
+                                   num_data_iterators=shards_here)
+    config_json = json.loads(config.to_json())
+    if checkpoints.latest_step() is not None:
+        check_resumable(config_json, checkpoints, checkpoints.latest_step(), shards_here)
+
     feed = TrainFeed(splits['train'], config.data, global_batch_size=config.train.batch_size,
                      seed=config.seed)
     steps_per_epoch = feed.batches_per_epoch
     if config.train.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f'an epoch has no full batch: {feed.num_images} training images x '
+            f'{config.data.patches_per_image} patches (config.data.patches_per_image) < '
+            f'config.train.batch_size {config.train.batch_size}')
     total_steps = steps_per_epoch * config.train.num_epochs
     eval_kwargs = dict(batch_size=config.train.eval_batch_size, seed=config.seed)
     val_set = EvalSet('validation', splits['validation'], config.data, **eval_kwargs)
@@ -684,8 +811,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = train_state.make_train_step(train_graphdef, tx, loss_fn, mesh, state_sharding)
     eval_step = train_state.make_eval_step(eval_graphdef, mesh)
 
-    checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints,
-                                   num_data_iterators=len(feed.iterators))
     progress = Progress()
     step = 0
     if checkpoints.latest_step() is not None:
@@ -695,7 +820,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = _with_restored(state, restored)
         progress = Progress.from_json(restored['progress'])
         if progress.best_step >= 0:
-            checkpoints.mark_best(progress.best_step, write=False)
+            # Written again: a run killed between an improving epoch's save and its
+            # mark_best left checkpoints/best_step behind (or without one).
+            checkpoints.mark_best(progress.best_step, write=is_main)
         step = int(jax.device_get(state.step))
         say(f'Resumed from step {step} in {checkpoints.directory}')
 
@@ -711,7 +838,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'head {counts["head"]:,}; loss {config.train.loss}; workdir {workdir}')
 
     log = MetricLog(workdir, resume_step=step)
-    config_json = json.loads(config.to_json())
     started = time.time()
 
     def save():
@@ -859,6 +985,7 @@ def main(argv=None) -> None:
         from absl import logging
 
         from smartiqa_jax.checkpoint import CheckpointError
+        from smartiqa_jax.data import DataError
         from smartiqa_jax.weights import WeightsError
         f = flags.FLAGS
         # Orbax logs every save at INFO; the run's own lines say what matters.
@@ -871,7 +998,8 @@ def main(argv=None) -> None:
         workdir = f.workdir or os.path.join('workdirs', name)
         try:
             train_and_evaluate(config_flag.value, workdir)
-        except (DatasetNotFoundError, WeightsError, CheckpointError) as e:
+        except (DatasetNotFoundError, WeightsError, CheckpointError, ConfigError,
+                DataError) as e:
             raise SystemExit(str(e)) from None
 
     app.run(run, argv=argv)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Sequence
 
 import orbax.checkpoint as ocp
@@ -100,6 +101,29 @@ class TrainCheckpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return {'params': restored['params'], 'train_state': restored['train_state'],
                 'progress': restored['progress']}
+
+    def stored_config(self, step: int) -> dict:
+        """The run config (JSON) saved with step `step`; {} if it has none."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), 'config')):
+            return {}
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return restored['config'] or {}
+
+    def data_layout(self, step: int) -> tuple[int, int] | None:
+        """(processes, iterators per process) that wrote step `step`'s data positions.
+
+        Grain keeps one file per process (`data_k/process_i-of-n.json`), so a run
+        resumes with the same number of processes and shards per process only.
+        None when the step holds no data item.
+        """
+        step_dir = os.path.join(self.directory, str(step))
+        iterators = sum(1 for name in os.listdir(step_dir) if re.fullmatch(r'data_\d+', name))
+        if not iterators:
+            return None
+        names = os.listdir(os.path.join(step_dir, 'data_0'))
+        counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))}
+        return (counts.pop() if len(counts) == 1 else 0), iterators
 
     def restore_params(self, step: int, params) -> Any:
         """Only the model parameters of step `step` (e.g. the best one, for testing)."""

@@ -283,9 +283,13 @@ def infer_config(state: Mapping[str, np.ndarray], source: str = 'state_dict',
         pattern = re.compile(rf'{re.escape(BACKBONE_PREFIX)}layers_{i}\.blocks\.(\d+)\.')
         blocks = {int(m.group(1)) for k in state if (m := pattern.match(k))}
         depths.append(max(blocks) + 1 if blocks else 0)
-    heads = tuple(
-        state[f'{BACKBONE_PREFIX}layers_{i}.blocks.0.attn.relative_position_bias_table'].shape[1]
-        if depths[i] else 0 for i in range(4))
+    tables = [f'{BACKBONE_PREFIX}layers_{i}.blocks.0.attn.relative_position_bias_table'
+              for i in range(4)]
+    missing = [key for key, depth in zip(tables, depths) if depth and key not in state]
+    if missing:
+        raise WeightsError(f'{source}: an incomplete SMART-IQA state_dict: missing keys '
+                           f'{", ".join(missing)}')
+    heads = tuple(state[key].shape[1] if depth else 0 for key, depth in zip(tables, depths))
     matches = [name for name, v in VARIANTS.items()
                if (v.embed_dim, v.depths, v.num_heads) == (embed_dim, tuple(depths), heads)]
     if not matches:

@@ -112,6 +112,16 @@ def test_missing_extra_and_mismatched_keys_are_all_listed(reference):
     assert 'swin.lda2_fc.weight: (16, 64) vs (16, 512)' in message
 
 
+def test_an_incomplete_state_dict_names_what_is_missing(reference):
+    state = released_state(reference)
+    partial = {k: v for k, v in state.items()
+               if k.startswith('swin.backbone.patch_embed') or k.endswith('blocks.0.norm1.weight')}
+    with pytest.raises(weights.WeightsError, match='an incomplete SMART-IQA state_dict: missing '
+                                                   r'keys swin\.backbone\.layers_0\.blocks\.0'
+                                                   r'\.attn\.relative_position_bias_table'):
+        weights.load_pytorch(partial)
+
+
 def test_wrong_variant_for_given_config(reference):
     with pytest.raises(weights.WeightsError, match='missing keys'):
         weights.load_pytorch(released_state(reference), ModelConfig('small', 'attention'))

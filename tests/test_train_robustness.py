@@ -1,0 +1,151 @@
+"""The trainer against mistakes: bad settings, unusable splits, a resume with other
+settings, a lost best-step record, and a model that scores NaN."""
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import smoke
+from smartiqa_jax import checkpoint, sharding, train
+from smartiqa_jax.metrics import quality_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(demo_root, **changes):
+    config = smoke.get_config()
+    config.data.root = demo_root
+    for key, value in changes.items():
+        section, name = key.split('__')
+        config[section][name] = value
+    return config
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """Fails the test if the input pipeline is built."""
+    def fail(*args, **kwargs):
+        raise AssertionError('the input pipeline was built before the config was checked')
+    monkeypatch.setattr(train, 'TrainFeed', fail)
+    monkeypatch.setattr(train, 'EvalSet', fail)
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'train__loss': 'L1'}, "train.loss 'L1' is not one of l1, l2"),
+    ({'optim__schedule_unit': 'steps'}, "optim.schedule_unit 'steps' is not 'epoch' or 'step'"),
+    ({'train__log_every_steps': 0}, 'train.log_every_steps must be at least 1, got 0'),
+    ({'train__keep_checkpoints': 0}, 'train.keep_checkpoints must be at least 1, got 0'),
+    ({'data__eval_crop_mode': 'middle'}, "data.eval_crop_mode 'middle' is not one of"),
+    ({'model__variant': 'huge'}, "config.model: unknown model variant 'huge'"),
+    ({'train__batch_size': 3}, None),   # a valid odd batch on one device: no error
+], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'ok'])
+def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path, demo_root,
+                                                      no_data):
+    config = _config(demo_root, **change)
+    if message is None:
+        with pytest.raises(AssertionError, match='input pipeline was built'):
+            train.train_and_evaluate(config, str(tmp_path))
+        return
+    with pytest.raises(train.ConfigError, match=message):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def _csv_without(tmp_path, demo_root, missing_split):
+    [labels] = glob.glob(os.path.join(demo_root, '*', 'labels.csv'))
+    path = tmp_path / f'no_{missing_split}.csv'
+    with open(labels) as f, open(path, 'w', newline='') as out:
+        rows = [r for r in csv.DictReader(f) if r['split'] != missing_split]
+        writer = csv.DictWriter(out, ['image', 'score', 'split'], extrasaction='ignore')
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path), os.path.dirname(labels)
+
+
+@pytest.mark.parametrize('missing', ['validation', 'test'])
+def test_an_empty_split_is_named_before_training(missing, tmp_path, demo_root, no_data):
+    path, folder = _csv_without(tmp_path, demo_root, missing)
+    config = _config(demo_root, data__dataset='csv', data__root=path)
+    config.data.csv.split_column = 'split'
+    config.data.csv.images_dir = folder
+    with pytest.raises(train.ConfigError, match=f'the {missing} split of csv in {path} is empty'):
+        train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_too_few_training_images_for_one_batch(tmp_path, demo_root):
+    config = _config(demo_root, data__max_images_per_split=3)
+    with pytest.raises(train.ConfigError, match=r'an epoch has no full batch: 3 training '
+                                                r'images x 1 patches .* < config.train.batch_size 4'):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo_root):
+    workdir = str(tmp_path / 'run')
+    config = _config(demo_root)
+    summary = train.train_and_evaluate(config, workdir)
+    best_file = os.path.join(workdir, 'checkpoints', 'best_step')
+
+    # A kill between an improving epoch's save and its best-step record: the file is
+    # missing (or names an older step). Running again writes it from the checkpoint.
+    os.remove(best_file)
+    again = train.train_and_evaluate(_config(demo_root, train__log_every_steps=2), workdir)
+    assert open(best_file).read().strip() == str(summary['best_step']) == str(again['best_step'])
+
+    # A best-step record naming a deleted step is an error, not the latest step in disguise.
+    with open(best_file, 'w') as f:
+        f.write('1\n')
+    with pytest.raises(checkpoint.CheckpointError, match=r'names step 1, which is not in'):
+        checkpoint.find_checkpoint(workdir)
+    with open(best_file, 'w') as f:
+        f.write(f'{summary["best_step"]}\n')
+
+    # Settings that change what the run computes cannot change on resume.
+    changed = _config(demo_root, train__batch_size=2, model__fusion='backbone')
+    with pytest.raises(train.ConfigError) as e:
+        train.train_and_evaluate(changed, workdir)
+    assert 'model.fusion: \'attention\' in the checkpoint, \'backbone\' now' in str(e.value)
+    assert 'train.batch_size: 4 in the checkpoint, 2 now' in str(e.value)
+
+    # Nor the number of processes or data shards that wrote the data positions.
+    checkpoints = train.TrainCheckpoints(workdir, keep=2, num_data_iterators=1)
+    step = checkpoints.latest_step()
+    assert checkpoints.data_layout(step) == (1, 1)
+    with pytest.raises(train.ConfigError, match='written by 1 process.* reading 1 data shard'):
+        train.check_resumable(checkpoints.stored_config(step), checkpoints, step, iterators=2)
+    checkpoints.close()
+
+
+def test_a_nan_score_is_not_dropped_from_the_metrics(demo_root):
+    splits = train.load_splits('demo', demo_root)
+    config = _config(demo_root)
+    eval_set = train.EvalSet('validation', splits['validation'][:8], config.data,
+                             batch_size=4, seed=0)
+    mesh = sharding.make_mesh()
+
+    def scores(nan_at=None):
+        def eval_step(params, images):
+            values = jnp.mean(images, axis=(1, 2, 3))
+            return values if nan_at is None else values.at[nan_at].set(jnp.nan)
+        return eval_step
+
+    finite = eval_set.evaluate(scores(), None, mesh)
+    assert finite['images'] == 8 and np.isfinite(finite['srcc'])
+    diverged = eval_set.evaluate(scores(nan_at=1), None, mesh)
+    assert diverged['images'] == 8 and np.isnan(diverged['srcc']) and np.isnan(diverged['plcc'])
+    assert np.isnan(quality_metrics([1.0, np.nan, 3.0], [1.0, 2.0, 3.0])['srcc'])
+
+
+def test_cli_names_a_config_mistake_without_a_traceback(tmp_path, demo_root):
+    run = subprocess.run(
+        [sys.executable, '-m', 'smartiqa_jax.train', '--config', 'configs/smoke.py',
+         '--workdir', str(tmp_path), f'--config.data.root={demo_root}',
+         '--config.train.loss=L1'],
+        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO),
+        capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "train.loss 'L1' is not one of" in run.stderr and 'Traceback' not in run.stderr
