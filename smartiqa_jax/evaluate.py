@@ -3,6 +3,8 @@
   python -m smartiqa_jax.evaluate --checkpoint CKPT --datasets koniq,spaq,kadid,agiqa \
       --data-root /data [--koniq-root DIR --spaq-root DIR ...] [--split test|all] \
       [--crops 20 --crop-mode random --seed 0] [--resize ...] [--output-dir DIR]
+  python -m smartiqa_jax.evaluate --checkpoint CKPT --datasets csv --csv-root my/labels.csv \
+      --csv-score-column mos [--csv-split-column set] --split all
 
 Each dataset is read with its reader (smartiqa_jax.data: official KonIQ split, seeded
 splits for the others; `--split all` takes every image), every image is scored exactly
@@ -41,6 +43,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import scipy.optimize
+import scipy.special
 import scipy.stats
 
 from smartiqa_jax import predict
@@ -61,6 +64,8 @@ DATASETS: dict[str, Dataset] = {
     'spaq': Dataset('spaq', 'SPAQ', ('spaq', 'SPAQ')),
     'kadid': Dataset('kadid10k', 'KADID-10K', ('kadid10k', 'kadid-10k', 'KADID-10k', 'kadid')),
     'agiqa': Dataset('agiqa3k', 'AGIQA-3K', ('agiqa3k', 'agiqa-3k', 'AGIQA-3K', 'AGIQA-3k', 'agiqa')),
+    # The user's own: --csv-root FILE and the --csv-* column flags.
+    'csv': Dataset('csv', 'CSV', ()),
 }
 ALIASES = {'koniq10k': 'koniq', 'kadid10k': 'kadid', 'agiqa3k': 'agiqa'}
 SPLIT_CHOICES = ('test', 'validation', 'train', 'all')
@@ -72,7 +77,7 @@ METRICS = ('srcc', 'plcc', 'plcc_logistic', 'krcc', 'rmse')
 
 def logistic_4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
     """The 4-parameter logistic of VQEG practice: b2 + (b1 - b2) / (1 + exp(-(x - b3) / |b4|))."""
-    return b2 + (b1 - b2) / (1.0 + np.exp(-(x - b3) / (abs(b4) + 1e-12)))
+    return b2 + (b1 - b2) * scipy.special.expit((x - b3) / (abs(b4) + 1e-12))
 
 
 def plcc_after_logistic(pred: np.ndarray, target: np.ndarray) -> float:
@@ -126,6 +131,11 @@ def find_root(key: str, explicit: Optional[str], data_root: Optional[str]) -> st
     Raises UsageError naming every path that was tried.
     """
     info = DATASETS[key]
+    if key == 'csv':
+        if explicit and os.path.isfile(explicit):
+            return explicit
+        raise UsageError(f'--datasets csv needs --csv-root FILE, a CSV of image paths and '
+                         f'scores' + (f'; {explicit} is not a file' if explicit else ''))
     if explicit:
         if os.path.isdir(explicit):
             return explicit
@@ -141,12 +151,32 @@ def find_root(key: str, explicit: Optional[str], data_root: Optional[str]) -> st
                      f'(or pass --{key}-root DIR)')
 
 
-def read_records(key: str, root: str, split: str):
-    """The records (smartiqa_jax.data.Record) of one split, or of all splits for 'all'."""
+def csv_options(args: argparse.Namespace) -> dict:
+    """data.read_csv_folder's keyword arguments from the --csv-* flags."""
+    options = dict(image_column=args.csv_image_column, score_column=args.csv_score_column,
+                   split_column=args.csv_split_column, group_column=args.csv_group_column,
+                   images_dir=args.csv_images_dir, seed=args.csv_split_seed,
+                   split_names={'training': 'train', 'val': 'validation', 'valid': 'validation',
+                                'testing': 'test'})
+    if args.csv_score_range:
+        try:
+            low, high = (float(v) for v in args.csv_score_range.split(','))
+        except ValueError:
+            raise UsageError(f'--csv-score-range takes LOW,HIGH, got {args.csv_score_range!r}') \
+                from None
+        options['score_range'] = (low, high)
+    return options
+
+
+def read_records(key: str, root: str, split: str, options: Optional[dict] = None):
+    """The records (smartiqa_jax.data.Record) of one split, or of all splits for 'all'.
+
+    options: keyword arguments for the reader (the CSV's columns, csv_options).
+    """
     from smartiqa_jax import data
     info = DATASETS[key]
     try:
-        splits = data.load_splits(info.reader, root)
+        splits = data.load_splits(info.reader, root, **(options or {}))
     except (data.DataError, FileNotFoundError) as e:
         raise UsageError(f'{info.title} in {root}: {e}') from None
     if split == 'all':
@@ -273,7 +303,24 @@ def _parser() -> argparse.ArgumentParser:
                         help=f'comma-separated, from {",".join(DATASETS)} (default koniq)')
     parser.add_argument('--data-root', default=None, help='folder holding one folder per dataset')
     for key, info in DATASETS.items():
-        parser.add_argument(f'--{key}-root', default=None, help=f'the {info.title} folder')
+        if key != 'csv':
+            parser.add_argument(f'--{key}-root', default=None, help=f'the {info.title} folder')
+    csv_flags = parser.add_argument_group(
+        'your own data (--datasets csv)',
+        'A CSV of image paths and scores. Split values train|training, '
+        'validation|val|valid, test|testing; without a split column, a seeded '
+        '0.7/0.1/0.2 split (--split all takes every row).')
+    csv_flags.add_argument('--csv-root', default=None, metavar='FILE', help='the CSV file')
+    csv_flags.add_argument('--csv-image-column', default='image')
+    csv_flags.add_argument('--csv-score-column', default='score')
+    csv_flags.add_argument('--csv-split-column', default=None)
+    csv_flags.add_argument('--csv-group-column', default=None,
+                           help='rows with the same value stay in one split (seeded split)')
+    csv_flags.add_argument('--csv-images-dir', default=None,
+                           help="image paths are relative to it (default: the CSV's folder)")
+    csv_flags.add_argument('--csv-score-range', default=None, metavar='LOW,HIGH',
+                           help="the labels' scale (default: their min and max)")
+    csv_flags.add_argument('--csv-split-seed', type=int, default=0)
     parser.add_argument('--split', default='test', choices=SPLIT_CHOICES,
                         help='split to test on (default test; all = every image of the dataset)')
     parser.add_argument('--logistic', action='store_true',
@@ -294,7 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not keys:
             raise UsageError('--datasets is empty')
         roots = {k: find_root(k, getattr(args, f'{k}_root'), args.data_root) for k in keys}
-        records = {k: read_records(k, roots[k], args.split) for k in keys}
+        records = {k: read_records(k, roots[k], args.split,
+                                   csv_options(args) if k == 'csv' else None) for k in keys}
         model, prep, directory = predict.load_for_scoring(args)
         scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size)
     except UsageError as e:

@@ -71,6 +71,35 @@ def test_table3_from_fixture_datasets_matches_scipy(ckpt, data_root, tmp_path, c
     assert results['datasets']['koniq']['n_images'] == 4  # official split: every third image
 
 
+def test_your_own_csv_with_its_own_columns(ckpt, tmp_path, capsys):
+    source = fixtures.make_csv_folder(str(tmp_path / 'mine'), n=10)
+    own = tmp_path / 'mine' / 'my_labels.csv'
+    with open(own, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['file', 'mos'])
+        writer.writerows([r['image'], float(r['score']) / 2 + 1] for r in _read_csv(source))
+    out = tmp_path / 'eval'
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', '--csv-root', str(own),
+                          '--csv-image-column', 'file', '--csv-score-column', 'mos',
+                          '--csv-score-range', '1,5.5', '--split', 'all',
+                          '--output-dir', str(out), *FAST]) == 0
+    rows = _read_csv(out / 'predictions_csv.csv')
+    assert len(rows) == 10 and all(r['error'] == '' for r in rows)
+    pred, label = (np.array([float(r[k]) for r in rows]) for k in ('score', 'label'))
+    assert sorted(label) == [i / 2 + 1 for i in range(10)]
+    summary = {row['dataset']: row for row in _read_csv(out / 'table3.csv')}
+    assert float(summary['csv']['srcc']) == pytest.approx(scipy.stats.spearmanr(pred, label)[0])
+    capsys.readouterr()
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', *FAST]) == 2
+    assert '--datasets csv needs --csv-root FILE' in capsys.readouterr().err
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', '--csv-root', str(own),
+                          '--csv-score-range', '1-5', *FAST]) == 2
+    assert "--csv-score-range takes LOW,HIGH, got '1-5'" in capsys.readouterr().err
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', '--csv-root', str(own),
+                          *FAST]) == 2
+    assert "missing column(s) ['image', 'score']" in capsys.readouterr().err
+
+
 def test_missing_dataset_names_where_it_looked(ckpt, data_root, tmp_path, capsys):
     assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'koniq,kadid',
                           '--data-root', str(tmp_path), *FAST]) == 2
