@@ -49,7 +49,7 @@ _HOW_TO_GET = {
         'KonIQ-10k: download the 1024x768 images (koniq10k_1024x768.zip) and the '
         'metadata from https://database.mmsp-kn.de/koniq-10k-database.html, unzip so '
         'that ROOT/1024x768/*.jpg and ROOT/koniq10k_distributions_sets.csv exist (the '
-        'split csv is also in the repository\'s shared/data/koniq10k/).'),
+        'split csv is also in ../shared/data/koniq10k/ beside the repository).'),
     'spaq': (
         'SPAQ: download from https://github.com/h4nwei/SPAQ; ROOT holds the images '
         'folder and "MOS and Image attribute scores.xlsx".'),
@@ -406,8 +406,9 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
     if init is not None:
         loaded = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init, nnx.Param)))
+        pairs = zip(jax.tree.leaves(loaded), jax.tree.leaves(params))
         if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
-                a.shape != b.shape for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params))):
+                a.shape != b.shape for a, b in pairs):
             raise ConfigError('config.model.init_from: its parameters do not fit the '
                               f'{model_config.variant}/{model_config.fusion} model')
         mapping = label_range_map(init.config.label_range, model_config.label_range)
@@ -737,7 +738,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sharding.set_cpu_devices(config.train.cpu_devices)   # before anything starts JAX
     except ValueError as e:
         raise ConfigError(f'config.train.cpu_devices: {e}') from None
+    from smartiqa_jax.models import swin
+    try:   # needs JAX's backend, so after the CPU device count is set
+        swin.check_attention_backend(config.model.attention)
+    except ValueError as e:
+        raise ConfigError(f'config.model.attention: {e}') from None
     compilation_cache.enable(config.train.compilation_cache_dir)
+    if jax.process_count() > 1:
+        # The first cross-process operation sets up the CPU collectives (gloo), and that
+        # set-up waits only 30 s for the other processes: make it now, while they are
+        # all at the same point, not at the first checkpoint, which a process slowed
+        # by its data can reach long after the others.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices('smartiqa_jax.train: start')
     workdir = _expand(workdir)
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -122,7 +122,8 @@ class TrainCheckpoints:
         if not iterators:
             return None
         names = os.listdir(os.path.join(step_dir, 'data_0'))
-        counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))}
+        pattern = re.compile(r'process_\d+-of-(\d+)\.json')
+        counts = {int(m.group(1)) for n in names if (m := pattern.fullmatch(n))}
         return (counts.pop() if len(counts) == 1 else 0), iterators
 
     def restore_params(self, step: int, params) -> Any:

@@ -111,7 +111,8 @@ def test_crop_offsets():
     assert grid[0] == (0, 0) and grid[-1] == (512 - 224, 384 - 224)
     # One position along an axis is the centred one, not the top or left edge.
     assert preprocess.grid_crop_offsets(512, 384, 224, 1) == [(144, 80)]
-    assert preprocess.grid_crop_offsets(512, 384, 224, 5) == [(y, 80) for y in (0, 72, 144, 216, 288)]
+    assert preprocess.grid_crop_offsets(512, 384, 224, 5) == [
+        (y, 80) for y in (0, 72, 144, 216, 288)]
     rng = np.random.default_rng(0)
     for _ in range(50):
         y, x = preprocess.random_crop_offset(300, 250, 224, rng)

@@ -43,8 +43,10 @@ def no_data(monkeypatch):
     ({'train__keep_checkpoints': 0}, 'train.keep_checkpoints must be at least 1, got 0'),
     ({'data__eval_crop_mode': 'middle'}, "data.eval_crop_mode 'middle' is not one of"),
     ({'model__variant': 'huge'}, "config.model: unknown model variant 'huge'"),
+    ({'model__attention': 'pallas'}, "config.model.attention: attention='pallas' runs on GPUs"),
     ({'train__batch_size': 3}, None),   # a valid odd batch on one device: no error
-], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'ok'])
+], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'attention',
+         'ok'])
 def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path, demo_root,
                                                       no_data):
     config = _config(demo_root, **change)
@@ -79,8 +81,8 @@ def test_an_empty_split_is_named_before_training(missing, tmp_path, demo_root, n
 
 def test_too_few_training_images_for_one_batch(tmp_path, demo_root):
     config = _config(demo_root, data__max_images_per_split=3)
-    with pytest.raises(train.ConfigError, match=r'an epoch has no full batch: 3 training '
-                                                r'images x 1 patches .* < config.train.batch_size 4'):
+    with pytest.raises(train.ConfigError, match=r'an epoch has no full batch: 3 training images '
+                                                r'x 1 patches .* < config.train.batch_size 4'):
         train.train_and_evaluate(config, str(tmp_path))
 
 

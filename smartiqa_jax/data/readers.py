@@ -234,7 +234,8 @@ def read_koniq10k(root: str, *, label: str = 'MOS_zscore',
     if sets_path is None:
         raise quality.DataError(
             f'KonIQ-10k: {KONIQ_SETS_CSV} (the official split) not found in {meta_dirs}; '
-            'it is in the KonIQ authors\' repository (metadata/) and in shared/data/koniq10k/')
+            'it is in the KonIQ authors\' repository (metadata/) and in '
+            '../shared/data/koniq10k/ beside this one')
     sets = _read_csv(sets_path, ['image_name', 'MOS', 'set'])
     scores = {}
     if scores_path is not None:
