@@ -11,6 +11,7 @@ released SMART-IQA PyTorch state_dict file (`weights.load_pytorch`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -114,16 +115,36 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         best = root / 'best_step'
         if best.is_file():
             wanted = int(best.read_text().strip())
-            for step, p in steps:
-                if step == wanted:
-                    return p
+            chosen = dict(steps).get(wanted)
+            if chosen is None:
+                raise CheckpointError(
+                    f'{best} names step {wanted}, which is not in {root} (steps there: '
+                    f'{", ".join(str(step) for step, _ in steps)}); pass one of those step '
+                    'directories to choose a model')
+        else:
+            chosen = steps[-1][1]
+        if _calibrates(chosen):
+            # Its scores are on the scale of a scale-free loss until the calibration
+            # is folded in: never hand them out as the run's model.
             raise CheckpointError(
-                f'{best} names step {wanted}, which is not in {root} (steps there: '
-                f'{", ".join(str(step) for step, _ in steps)}); pass one of those step '
-                'directories to choose a model')
-        return steps[-1][1]
+                f'{path}: the run calibrates its scores (train.calibrate) but its calibrated '
+                f'model ({path / "model"}) is not there yet: run the training command again '
+                f'to finish it, or pass a step directory ({chosen}) for the raw model')
+        return chosen
     raise CheckpointError(f'{path}: not a SMART-IQA checkpoint (expected {PARAMS}/ and '
                           f'{MODEL_CONFIG}/ inside it, or numbered step directories that have them)')
+
+
+def _calibrates(step_dir: Path) -> bool:
+    """Whether the training run that wrote `step_dir` has train.calibrate set."""
+    metadata = step_dir / 'config' / 'metadata'   # orbax's JSON item, as train.py saves it
+    if not metadata.is_file():
+        return False
+    try:
+        config = json.loads(metadata.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool((config.get('train') or {}).get('calibrate'))
 
 
 def resolve(path: str | os.PathLike) -> Path:

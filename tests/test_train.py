@@ -80,6 +80,13 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     images = jax.random.normal(jax.random.key(0), (2, 224, 224, 3))
     np.testing.assert_allclose(model.predict(images)['score'],
                                a * best.predict(images)['score'] + b, rtol=1e-4, atol=1e-3)
+    # Killed before the calibrated model was written: the workdir does not pass off the
+    # raw (plcc-scale) best step as its model; a step directory still loads.
+    import shutil
+    shutil.rmtree(tmp_path / 'model')
+    with pytest.raises(checkpoint.CheckpointError, match='calibrated model .* is not there yet'):
+        checkpoint.find_checkpoint(tmp_path)
+    assert checkpoint.find_checkpoint(tmp_path / 'checkpoints' / str(summary['best_step']))
 
 
 def test_calibration_folds_an_affine_map_into_the_score_layers():
