@@ -134,8 +134,8 @@ def find_root(key: str, explicit: Optional[str], data_root: Optional[str]) -> st
     if key == 'csv':
         if explicit and os.path.isfile(explicit):
             return explicit
-        raise UsageError(f'--datasets csv needs --csv-root FILE, a CSV of image paths and '
-                         f'scores' + (f'; {explicit} is not a file' if explicit else ''))
+        raise UsageError('--datasets csv needs --csv-root FILE, a CSV of image paths and '
+                         'scores' + (f'; {explicit} is not a file' if explicit else ''))
     if explicit:
         if os.path.isdir(explicit):
             return explicit

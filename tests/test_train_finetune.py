@@ -3,8 +3,6 @@
 import csv
 import glob
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,8 +14,7 @@ from configs import base, smoke
 from smartiqa_jax import checkpoint, sharding, train, weights
 from smartiqa_jax.data import ScoreScale
 from smartiqa_jax.models.smartiqa import SmartIQA
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_train import _cli
 
 
 @pytest.fixture(scope='module')
@@ -190,7 +187,7 @@ def test_a_bad_init_from_is_named(tmp_path, demo_root):
     config = smoke.get_config()
     config.model.init_from = str(tmp_path / 'nothing')
     with pytest.raises(checkpoint.CheckpointError,
-                       match=f'^config.model.init_from: .*nothing: no such checkpoint'):
+                       match='^config.model.init_from: .*nothing: no such checkpoint'):
         train.load_init_model(config)
     timm_file = str(tmp_path / 'swin.safetensors')       # a backbone, not a SMART-IQA model
     save_file({'patch_embed.proj.weight': np.zeros((32, 3, 4, 4), np.float32)}, timm_file)
@@ -202,12 +199,8 @@ def test_a_bad_init_from_is_named(tmp_path, demo_root):
         train.load_init_model(config)
 
     # On the command line: one line naming the setting and the path, no traceback.
-    run = subprocess.run(
-        [sys.executable, '-m', 'smartiqa_jax.train', '--config', 'configs/smoke.py',
-         '--workdir', str(tmp_path / 'w'), f'--config.data.root={demo_root}',
-         f'--config.model.init_from={tmp_path / "nothing"}'],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO),
-        capture_output=True, text=True, timeout=300)
+    run = _cli('--config', 'configs/smoke.py', '--workdir', str(tmp_path / 'w'),
+               f'--config.data.root={demo_root}', f'--config.model.init_from={tmp_path / "nothing"}')
     assert run.returncode != 0
     assert f'config.model.init_from: {tmp_path / "nothing"}: no such checkpoint' in run.stderr
     assert 'Traceback' not in run.stderr

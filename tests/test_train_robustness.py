@@ -4,8 +4,6 @@ settings, a lost best-step record, and a model that scores NaN."""
 import csv
 import glob
 import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +12,7 @@ import pytest
 from configs import smoke
 from smartiqa_jax import checkpoint, sharding, train
 from smartiqa_jax.metrics import quality_metrics
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.test_train import _cli
 
 
 def _config(demo_root, **changes):
@@ -143,11 +140,7 @@ def test_a_nan_score_is_not_dropped_from_the_metrics(demo_root):
 
 
 def test_cli_names_a_config_mistake_without_a_traceback(tmp_path, demo_root):
-    run = subprocess.run(
-        [sys.executable, '-m', 'smartiqa_jax.train', '--config', 'configs/smoke.py',
-         '--workdir', str(tmp_path), f'--config.data.root={demo_root}',
-         '--config.train.loss=L1'],
-        cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO),
-        capture_output=True, text=True, timeout=300)
+    run = _cli('--config', 'configs/smoke.py', '--workdir', str(tmp_path),
+               f'--config.data.root={demo_root}', '--config.train.loss=L1')
     assert run.returncode != 0
     assert "train.loss 'L1' is not one of" in run.stderr and 'Traceback' not in run.stderr
