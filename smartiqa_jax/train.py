@@ -682,13 +682,13 @@ def _check_splits(splits, config) -> None:
 
 
 # Settings a resumed run may change: they do not change what it computes (or only
-# where it finds its files).
+# where it finds its files, or the label name and range recorded with the model).
 RESUME_MAY_CHANGE = frozenset({
     'train.progress_bar', 'train.log_every_steps', 'train.checkpoint_every_steps',
     'train.keep_checkpoints', 'train.compilation_cache_dir', 'train.cpu_devices',
     'train.eval_batch_size', 'data.root', 'data.num_workers', 'data.cache',
-    'data.cross_datasets', 'data.csv.images_dir', 'model.attention', 'model.init_from',
-    'model.backbone_weights'})
+    'data.cross_datasets', 'data.csv.images_dir', 'data.label_name', 'data.label_range',
+    'model.attention', 'model.init_from', 'model.backbone_weights'})
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
