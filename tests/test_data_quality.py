@@ -90,6 +90,12 @@ def test_duplicate_names_keep_the_first(tmp_path):
     splits = read(str(tmp_path), rows)
     assert excluded(splits) == {'good1.jpg': 'duplicate entry (first listed at row 2)'}
     assert next(r for r in splits['train'] if r.name == 'good1.jpg').score == 51.0
+    # A first listing without a usable score does not shadow a later one that has it.
+    rows = good_rows(tmp_path)
+    rows[1][1] = ''
+    splits = read(str(tmp_path), rows + [['good1.jpg', 99.0]])
+    assert excluded(splits) == {'good1.jpg': 'score is empty'}
+    assert next(r for r in splits['train'] if r.name == 'good1.jpg').score == 99.0
 
 
 def test_strict_mode_fails_fast_naming_the_file(tmp_path):
@@ -104,7 +110,7 @@ def test_summary_counts_reasons(tmp_path):
     text = splits.report.summary()
     assert 'kept train 3' in text and 'excluded 3' in text
     assert '2 x file listed but missing: a.jpg, b.jpg' in text
-    assert '1 x duplicate entry: good0.jpg' in text
+    assert '1 x score is not a number: good0.jpg' in text   # scores are checked first
 
 
 def test_nothing_usable_is_an_error_with_the_summary(tmp_path):

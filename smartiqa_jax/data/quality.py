@@ -118,14 +118,20 @@ def find_undecodable(items: Sequence[Any], names: Sequence[str],
 
 
 def drop_duplicates(entries: Sequence[Any], key: Callable[[Any], str],
-                    report: DataReport) -> list[Any]:
-    """Keeps the first entry per key; later ones are excluded as duplicates."""
+                    report: DataReport,
+                    row_of: Optional[Callable[[Any], int]] = None) -> list[Any]:
+    """Keeps the first entry per key; later ones are excluded as duplicates.
+
+    row_of: the entry's 1-based row in the metadata, for the message (default: its
+    position in `entries`).
+    """
     first_row = {}
     kept = []
-    for row, entry in enumerate(entries):
+    for position, entry in enumerate(entries):
         k = key(entry)
+        row = row_of(entry) if row_of else position + 1
         if k in first_row:
-            report.exclude(k, f'duplicate entry (first listed at row {first_row[k] + 1})')
+            report.exclude(k, f'duplicate entry (first listed at row {first_row[k]})')
             continue
         first_row[k] = row
         kept.append(entry)

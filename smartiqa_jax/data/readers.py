@@ -125,13 +125,16 @@ def _assemble(rows: Iterable[_Row], *, dataset: str, images_dir: str,
     trainer does not; both must give the same test set.)
     """
     report = quality.DataReport(dataset, strict=strict)
-    rows = quality.drop_duplicates(list(rows), lambda r: r.name, report)
-    listed = []   # (row, score, split named by the metadata or None)
-    for row in rows:
+    scored = []   # (row number, row, score): scores first, so that of a name listed
+    for number, row in enumerate(rows, 1):   # twice the row with a usable score is kept
         score, why = quality.parse_score(row.score)
         if score is None:
             report.exclude(row.name, why)
             continue
+        scored.append((number, row, score))
+    scored = quality.drop_duplicates(scored, lambda e: e[1].name, report, row_of=lambda e: e[0])
+    listed = []   # (row, score, split named by the metadata or None)
+    for _, row, score in scored:
         split = None
         if row.split is not None:
             key = str(row.split).strip()
