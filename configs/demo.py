@@ -61,6 +61,11 @@ minutes. Three changes of session 7 made the difference, measured in full runs:
   7; 7 min 27 s for seed 0), against 0.84 / 0.78 / 0.74: 0.78 over the three
   against 0.79. Seed 2 starts sooner (validation 0.49 at epoch 2 against 0.10),
   but the mean does not move.
+- Not used (session 9): 11 epochs instead of 10 for the slow starter, seed 1
+  (its validation was still rising at epoch 9-10): it learns sooner (validation
+  0.55 at epoch 3 against 0.27), best val 0.70 at epoch 9, test 0.77 against
+  0.78, in 12 min 50 s (the VM ran the step at ~38 images/s then, against ~64 in
+  session 7's runs). No gain; seeds 2 and 0 were not run.
 
 Earlier: full 10-epoch runs of the session-6 config (patch norm, unaligned
 crops, one CPU device) with one change each (1310 steps of 16;
