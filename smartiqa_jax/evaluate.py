@@ -155,9 +155,7 @@ def csv_options(args: argparse.Namespace) -> dict:
     """data.read_csv_folder's keyword arguments from the --csv-* flags."""
     options = dict(image_column=args.csv_image_column, score_column=args.csv_score_column,
                    split_column=args.csv_split_column, group_column=args.csv_group_column,
-                   images_dir=args.csv_images_dir, seed=args.csv_split_seed,
-                   split_names={'training': 'train', 'val': 'validation', 'valid': 'validation',
-                                'testing': 'test'})
+                   images_dir=args.csv_images_dir, seed=args.csv_split_seed)
     if args.csv_score_range:
         try:
             low, high = (float(v) for v in args.csv_score_range.split(','))

@@ -70,17 +70,12 @@ def _expand(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path)) if path else path
 
 
-# Split names a CSV's split column may use besides train / validation / test.
-CSV_SPLIT_NAMES = {'training': 'train', 'val': 'validation', 'valid': 'validation',
-                   'testing': 'test'}
-
-
 def csv_options(csv: ml_collections.ConfigDict) -> dict[str, Any]:
     """config.data.csv as keyword arguments of data.read_csv_folder ('' / (): its default)."""
     if csv.score_range and len(csv.score_range) != 2:
         raise ConfigError(f'config.data.csv.score_range must be (low, high), got {csv.score_range}')
     return dict(image_column=csv.image_column, score_column=csv.score_column,
-                split_column=csv.split_column or None, split_names=CSV_SPLIT_NAMES,
+                split_column=csv.split_column or None,
                 group_column=csv.group_column or None,
                 images_dir=_expand(csv.images_dir) or None,
                 score_range=tuple(csv.score_range) or None,

@@ -75,6 +75,11 @@ class Splits:
 # Shared machinery: one place for validation and splitting.
 
 
+# Split names a split column may use besides train / validation / test.
+SPLIT_ALIASES = {'training': 'train', 'val': 'validation', 'valid': 'validation',
+                 'testing': 'test'}
+
+
 @dataclasses.dataclass
 class _Row:
     name: str
@@ -138,7 +143,7 @@ def _assemble(rows: Iterable[_Row], *, dataset: str, images_dir: str,
         split = None
         if row.split is not None:
             key = str(row.split).strip()
-            split = (split_names or {}).get(key, key)
+            split = (split_names or {}).get(key, SPLIT_ALIASES.get(key, key))
             if split not in SPLITS:
                 report.exclude(row.name, f'unknown split {row.split!r}')
                 continue
@@ -378,7 +383,8 @@ def read_csv_folder(csv_path: str, images_dir: Optional[str] = None, *,
 
     images_dir defaults to the CSV's folder. With `split_column` the split
     comes from that column (values train/validation/test, or mapped through
-    `split_names`, e.g. {'val': 'validation'}); otherwise a seeded split by
+    `split_names`; training, val, valid and testing are understood without it);
+    otherwise a seeded split by
     `fractions`, keeping rows with the same `group_column` value together.
     `score_range` (low, high) defaults to the min/max of the scores read.
     """
