@@ -11,7 +11,6 @@ released SMART-IQA PyTorch state_dict file (`weights.load_pytorch`).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -135,16 +134,25 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
                           f'{MODEL_CONFIG}/ inside it, or numbered step directories that have them)')
 
 
+def training_config(directory: str | os.PathLike) -> dict:
+    """The run config (JSON) in a checkpoint's `config` item; {} if it has none.
+
+    Training checkpoints carry one, and so does a calibrated run's `model/`; model
+    checkpoints written by `save_model` without a `training_config` (the `convert`
+    command's) do not.
+    """
+    directory = _absolute(directory)
+    if not (directory / 'config').is_dir():
+        return {}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        config = checkpointer.restore(directory, ocp.args.Composite(
+            config=ocp.args.JsonRestore()))['config']
+    return config or {}
+
+
 def _calibrates(step_dir: Path) -> bool:
     """Whether the training run that wrote `step_dir` has train.calibrate set."""
-    metadata = step_dir / 'config' / 'metadata'   # orbax's JSON item, as train.py saves it
-    if not metadata.is_file():
-        return False
-    try:
-        config = json.loads(metadata.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return bool((config.get('train') or {}).get('calibrate'))
+    return bool((training_config(step_dir).get('train') or {}).get('calibrate'))
 
 
 def resolve(path: str | os.PathLike) -> Path:

@@ -63,6 +63,16 @@ def _pair_terms(pred: jax.Array, target: jax.Array):
     return pred_diff, target_diff
 
 
+def _distinct_label_pairs(target_diff: jax.Array) -> jax.Array:
+    """(B, B) mask of the pairs i != j whose labels differ (as released: |t_i - t_j| > 1e-6)."""
+    return jnp.abs(target_diff) > 1e-6
+
+
+def _mean_over(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of `values` where `mask`; 0 when the mask is empty."""
+    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
 def ranking_hinge_loss(pred: jax.Array, target: jax.Array, *,
                        margin: float = 1.0) -> jax.Array:
     """Pairwise margin ranking loss over the batch.
@@ -73,19 +83,7 @@ def ranking_hinge_loss(pred: jax.Array, target: jax.Array, *,
     """
     pred_diff, target_diff = _pair_terms(pred, target)
     order = jnp.sign(target_diff)
-    ranked = order != 0
-    hinge = jnp.maximum(0.0, margin - order * pred_diff)
-    return jnp.sum(jnp.where(ranked, hinge, 0.0)) / jnp.maximum(jnp.sum(ranked), 1)
-
-
-def _distinct_label_pairs(target_diff: jax.Array) -> jax.Array:
-    """(B, B) mask of the pairs i != j whose labels differ (as released: |t_i - t_j| > 1e-6)."""
-    return jnp.abs(target_diff) > 1e-6
-
-
-def _mean_over(values: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of `values` where `mask`; 0 when the mask is empty."""
-    return jnp.sum(jnp.where(mask, values, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+    return _mean_over(jnp.maximum(0.0, margin - order * pred_diff), order != 0)
 
 
 def released_rank_loss(pred: jax.Array, target: jax.Array) -> jax.Array:

@@ -51,7 +51,6 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO
 
 import numpy as np
@@ -148,18 +147,10 @@ def format_resize(resize: preprocess.ResizeSpec) -> str:
 
 
 def checkpoint_data_config(checkpoint_dir: str | os.PathLike) -> dict:
-    """The `data` part of the training config in a checkpoint's `config` item; {} if none.
-
-    Model checkpoints written by `checkpoint.save_model` without a `training_config` (the
-    `convert` command's) carry none.
-    """
-    if not (Path(checkpoint_dir) / 'config').is_dir():
-        return {}
-    import orbax.checkpoint as ocp
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        config = checkpointer.restore(Path(checkpoint_dir), ocp.args.Composite(
-            config=ocp.args.JsonRestore()))['config']
-    return (config or {}).get('data') or {}
+    """The `data` part of the training config in a checkpoint's `config` item; {} if none
+    (checkpoint.training_config)."""
+    from smartiqa_jax import checkpoint
+    return checkpoint.training_config(checkpoint_dir).get('data') or {}
 
 
 def checkpoint_resize(checkpoint_dir: str | os.PathLike) -> tuple[bool, preprocess.ResizeSpec]:

@@ -787,8 +787,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Whether the workdir's run can go on with this config, before any data is decoded.
     _, shards_here = shard_layout(config.data, config.train.batch_size)
-    checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints,
-                                   num_data_iterators=shards_here)
+    checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
     config_json = json.loads(config.to_json())
     if checkpoints.latest_step() is not None:
         check_resumable(config_json, checkpoints, checkpoints.latest_step(), shards_here)

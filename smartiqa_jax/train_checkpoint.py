@@ -48,10 +48,9 @@ class _KeepStep(checkpoint_managers.PreservationPolicy):
 class TrainCheckpoints:
     """Saves and restores training checkpoints of one workdir."""
 
-    def __init__(self, workdir: str, *, keep: int, num_data_iterators: int):
+    def __init__(self, workdir: str, *, keep: int):
         # Orbax needs absolute paths.
         self.directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-        self.num_data_iterators = num_data_iterators
         self._best = _KeepStep()
         policy = checkpoint_managers.AnyPreservationPolicy(
             [checkpoint_managers.LatestN(n=keep), self._best])
@@ -104,11 +103,8 @@ class TrainCheckpoints:
 
     def stored_config(self, step: int) -> dict:
         """The run config (JSON) saved with step `step`; {} if it has none."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), 'config')):
-            return {}
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return restored['config'] or {}
+        from smartiqa_jax.checkpoint import training_config
+        return training_config(os.path.join(self.directory, str(step)))
 
     def data_layout(self, step: int) -> tuple[int, int] | None:
         """(processes, iterators per process) that wrote step `step`'s data positions.

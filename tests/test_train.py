@@ -276,7 +276,7 @@ def test_unknown_config_override_is_an_error(tmp_path):
 
 def test_checkpoints_keep_the_latest_and_the_marked_best(tmp_path):
     from smartiqa_jax.train_checkpoint import TrainCheckpoints
-    checkpoints = TrainCheckpoints(str(tmp_path), keep=1, num_data_iterators=0)
+    checkpoints = TrainCheckpoints(str(tmp_path), keep=1)
     for step in range(1, 6):
         checkpoints.save(step, params={'w': np.full(3, float(step))},
                          train_state={'step': np.int32(step)}, data_iterators=[],

@@ -111,7 +111,7 @@ def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo
     assert 'train.batch_size: 4 in the checkpoint, 2 now' in str(e.value)
 
     # Nor the number of processes or data shards that wrote the data positions.
-    checkpoints = train.TrainCheckpoints(workdir, keep=2, num_data_iterators=1)
+    checkpoints = train.TrainCheckpoints(workdir, keep=2)
     step = checkpoints.latest_step()
     assert checkpoints.data_layout(step) == (1, 1)
     with pytest.raises(train.ConfigError, match='written by 1 process.* reading 1 data shard'):

@@ -25,7 +25,7 @@ def workdir(tmp_path_factory):
     model = SmartIQA(ModelConfig('nano', 'attention'), rngs=nnx.Rngs(3))
     model_config = model.config.to_dict()
     model_config['label_range'] = list(model_config['label_range'])
-    manager = TrainCheckpoints(str(root), keep=2, num_data_iterators=0)
+    manager = TrainCheckpoints(str(root), keep=2)
     manager.save(4, params=nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                  train_state={'step': np.int32(4)}, data_iterators=[],
                  progress={'best_step': 4}, config={'data': {'resize': [256, 320]}},
