@@ -24,7 +24,7 @@ from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 PARAMS = 'params'
 MODEL_CONFIG = 'model_config'
 # State_dict files `load` reads through weights.load_pytorch (tensors only, never a pickle).
-STATE_DICT_SUFFIXES = ('.pth', '.pt', '.bin', '.safetensors')
+STATE_DICT_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt', '.safetensors')
 
 
 class CheckpointError(ValueError):
@@ -166,7 +166,7 @@ def resolve(path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
     """Loads a ready model (eval mode) from a checkpoint directory or a training workdir.
 
-    Also from a released SMART-IQA PyTorch state_dict file (.pth, .pt, .bin or
+    Also from a released SMART-IQA PyTorch state_dict file (.pth, .pt, .bin, .ckpt or
     .safetensors; variant, fusion and patch norm detected from its keys, the label
     scale KonIQ's 0..100 as released), read without unpickling anything but tensors.
     `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.

@@ -49,6 +49,9 @@ def _check_out(path: str, force: bool) -> None:
         raise FileExistsError(f'{path} exists; pass --force to overwrite it')
 
 
+OUTPUT_SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+
 def save_state_dict(state: dict, path: str) -> None:
     """Writes {name: numpy array} as .safetensors (no torch needed) or .pth (needs torch)."""
     if path.endswith('.safetensors'):
@@ -58,7 +61,7 @@ def save_state_dict(state: dict, path: str) -> None:
         import torch
         torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
     else:
-        raise ValueError(f'{path}: the output must end in .pth, .pt or .safetensors')
+        raise ValueError(f'{path}: the output must end in {", ".join(OUTPUT_SUFFIXES)}')
 
 
 def run(args: argparse.Namespace) -> str:
@@ -89,7 +92,10 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == 'to-pytorch' and not args.out.endswith(OUTPUT_SUFFIXES):
+        parser.error(f'--out {args.out}: must end in {", ".join(OUTPUT_SUFFIXES)}')
     from smartiqa_jax.checkpoint import CheckpointError
     from smartiqa_jax.weights import WeightsError
     try:

@@ -339,7 +339,7 @@ class SmartIQATorch(nn.Module):
 
 
 # --------------------------------------------------------------------- loading
-_WRAPPER_KEYS = ("model_state_dict", "state_dict")
+_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 def load_released_state_dict(path_or_dict: Any) -> dict[str, torch.Tensor]:
@@ -351,7 +351,7 @@ def load_released_state_dict(path_or_dict: Any) -> dict[str, torch.Tensor]:
             are refused), or an in-memory mapping.
 
     Training checkpoints nest the weights under ``model_state_dict`` (the
-    released code) or ``state_dict``; that nesting is unwrapped and the other
+    released code), ``state_dict`` or ``model``; that nesting is unwrapped and the other
     entries (optimizer, epoch, ...) are dropped. A ``module.`` prefix
     (DataParallel/DDP) is stripped. numpy arrays are converted to tensors.
     Tensors are returned on the CPU.

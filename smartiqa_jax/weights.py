@@ -189,8 +189,12 @@ def _unwrap(state: Any, path: str) -> dict[str, np.ndarray]:
     for name, value in state.items():
         if not hasattr(value, 'shape'):
             continue  # e.g. an epoch counter stored beside the tensors
-        if name.startswith('module.'):
+        while name.startswith('module.'):   # DataParallel, possibly wrapped twice
             name = name[len('module.'):]
+        if name in out:
+            raise WeightsError(f"{path}: parameter {name!r} appears twice (with and without "
+                               "the 'module.' prefix of DataParallel); which one is meant "
+                               "is unclear")
         out[name] = _to_numpy(value)
     if not out:
         raise WeightsError(f'{path}: holds no tensors')

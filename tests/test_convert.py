@@ -71,10 +71,16 @@ def test_from_timm_cli(tmp_path, crops):
     assert not out.exists()
 
 
-def test_usage_errors_exit_2():
+@pytest.mark.parametrize('argv', [
+    ['from-timm', 'x.pth', '--variant', 'huge', '--out', 'y'],
+    ['to-pytorch', 'ckpt', '--out', 'y.npz'],     # refused before any model is loaded
+])
+def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        convert.main(['from-timm', 'x.pth', '--variant', 'huge', '--out', 'y'])
+        convert.main(argv)
     assert e.value.code == 2
+    if argv[0] == 'to-pytorch':
+        assert '--out y.npz: must end in .pth, .pt, .safetensors' in capsys.readouterr().err
 
 
 def test_save_load_keeps_parameters_and_config(tmp_path):
@@ -120,6 +126,23 @@ def test_an_incomplete_state_dict_names_what_is_missing(reference):
                                                    r'keys swin\.backbone\.layers_0\.blocks\.0'
                                                    r'\.attn\.relative_position_bias_table'):
         weights.load_pytorch(partial)
+
+
+def test_a_parameter_with_and_without_the_dataparallel_prefix_is_refused(reference, tmp_path):
+    state = released_state(reference)
+    state['module.fc5b_fc.bias'] = state['fc5b_fc.bias'] + 1.0
+    with pytest.raises(weights.WeightsError, match=r"both.safetensors: parameter 'fc5b_fc.bias' "
+                                                   'appears twice'):
+        weights.read_state_dict(_saved(state, tmp_path / 'both.safetensors'))
+    # A prefix applied twice (DataParallel around DataParallel) is stripped whole.
+    twice = {'module.module.' + k: v for k, v in released_state(reference).items()}
+    assert set(weights.read_state_dict(_saved(twice, tmp_path / 'twice.safetensors'))) == \
+        set(released_state(reference))
+
+
+def _saved(state, path):
+    save_file(state, path)
+    return path
 
 
 def test_wrong_variant_for_given_config(reference):

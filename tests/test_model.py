@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from smartiqa_jax.models import smartiqa
+from smartiqa_jax.models import smartiqa, swin
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 from smartiqa_jax.models.variants import VARIANTS
 
@@ -135,3 +135,29 @@ def test_config_validation_and_defaults():
     with pytest.raises(ValueError, match='unknown model config keys'):
         ModelConfig.from_dict({'variant': 'tiny', 'colour': 'red'})
     assert ModelConfig.from_dict(ModelConfig('tiny').to_dict()) == ModelConfig('tiny')
+    for rate in ({'dropout': 1.0}, {'drop_path_rate': -0.1}, {'attention_dropout': 1.5}):
+        with pytest.raises(ValueError, match=f'{next(iter(rate))} must be in'):
+            ModelConfig('tiny', **rate)
+
+
+def test_a_rate_of_one_drops_everything_with_finite_gradients():
+    x = jnp.ones((2, 3))
+    key = jax.random.key(0)
+    grad = jax.grad(lambda x: smartiqa.dropout(x, 1.0, key).sum())(x)
+    np.testing.assert_array_equal(grad, 0.0)
+    drop = swin.DropPath(1.0)
+    grad = jax.grad(lambda x: drop(x, nnx.Rngs(dropout=0)).sum())(x)
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_the_backbone_refuses_inputs_of_another_size(model):
+    with pytest.raises(ValueError, match=r'built for \(224, 224, 3\) inputs .* got an array of '
+                                         r'shape \(1, 448, 448, 3\)'):
+        model(jnp.zeros((1, 448, 448, 3)))
+    with pytest.raises(ValueError, match=r'got an array of shape \(1, 3, 224, 224\)'):
+        model.backbone(jnp.zeros((1, 3, 224, 224)))   # NCHW, as PyTorch would pass it
+    for size in (112, 256):    # 112: a 3.5-wide stage 3; 256: stages that do not tile
+        with pytest.raises(ValueError, match=f'img_size {size} does not give four stages'):
+            swin.SwinTransformer(VARIANTS['pico'], img_size=size, rngs=nnx.Rngs(0))
+    built = swin.SwinTransformer(VARIANTS['pico'], img_size=448, rngs=nnx.Rngs(0))
+    assert [f.shape[1] for f in built(jnp.zeros((1, 448, 448, 3)))] == [112, 56, 28, 14]

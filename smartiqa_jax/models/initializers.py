@@ -4,7 +4,9 @@ Each initialiser samples on the host with NumPy when given a concrete key, and w
 jax.random when traced (inside jit or eval_shape). Eager jax.random would compile one
 small XLA program per parameter shape: about a minute to build a Swin-Base model on a
 2-core CPU, against a second with NumPy. The host stream is seeded from the key, so a
-given `nnx.Rngs` seed always gives the same model.
+given `nnx.Rngs` seed always gives the same model when built the same way; a model built
+eagerly and one built under jit (as the trainer's `train_state.init_params` does) from
+the same seed draw from different streams, and differ.
 """
 
 from __future__ import annotations

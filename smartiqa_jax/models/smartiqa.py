@@ -85,6 +85,10 @@ class ModelConfig:
         if self.drop_path_rate is None:
             object.__setattr__(self, 'drop_path_rate', variant.drop_path_rate)
         object.__setattr__(self, 'label_range', tuple(float(v) for v in self.label_range))
+        for name in ('dropout', 'drop_path_rate', 'attention_dropout'):
+            rate = getattr(self, name)
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f'{name} must be in [0, 1), got {rate}')
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -138,6 +142,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; identity when `key` is None (eval) or the rate is 0."""
     if key is None or rate == 0.0:
         return x
+    if rate >= 1.0:   # everything dropped; x / 0 would make the gradient NaN
+        return jnp.zeros_like(x)
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 

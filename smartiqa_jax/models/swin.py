@@ -84,6 +84,8 @@ class DropPath(nnx.Module):
         if rngs is None:
             raise ValueError('DropPath in training mode needs `rngs` with a "dropout" stream; '
                              'call model.eval() for deterministic inference.')
+        if self.rate >= 1.0:   # every branch dropped; x / 0 would make the gradient NaN
+            return jnp.zeros_like(x)
         keep = 1.0 - self.rate
         mask = jax.random.bernoulli(rngs.dropout(), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
@@ -420,10 +422,12 @@ class SwinTransformer(nnx.Module):
                  rngs: nnx.Rngs, dtype=None, attention: str = 'xla', patch_norm: bool = True):
         dims = variant.stage_dims
         resolutions = [img_size // PATCH // 2**i for i in range(4)]
-        for r in resolutions:
-            if r % WINDOW and r > WINDOW:
-                raise ValueError(f'img_size {img_size} gives a {r}x{r} stage that does not tile '
-                                 f'into {WINDOW}x{WINDOW} windows; use 224')
+        # Three patch mergings halve the side: it must stay whole, and every stage must tile
+        # into windows or fit in one.
+        if img_size % (PATCH * 8) or any(r % WINDOW and r > WINDOW for r in resolutions):
+            raise ValueError(f'img_size {img_size} does not give four stages that tile into '
+                             f'{WINDOW}x{WINDOW} windows (stage sides {resolutions}); use 224')
+        self.img_size = img_size
         # The implementation in use ('auto' resolved), for logs.
         self.attention = attention = resolve_attention(attention, dtype)
         rates = np.linspace(0.0, drop_path_rate, sum(variant.depths)).tolist()
@@ -446,6 +450,11 @@ class SwinTransformer(nnx.Module):
           than large matmuls on a memory-bound CPU; the low-resolution stages, whose cost
           is reading weights, still see the whole batch. Results are unchanged.
         """
+        if x.ndim != 4 or x.shape[1:] != (self.img_size, self.img_size, 3):
+            # Which blocks shift their windows was decided for img_size: another size would
+            # run, differently from timm, or fail deep inside a reshape.
+            raise ValueError(f'the backbone was built for ({self.img_size}, {self.img_size}, 3) '
+                             f'inputs (B, H, W, C); got an array of shape {tuple(x.shape)}')
         b = x.shape[0]
         if micro_batch and rngs is None and b > micro_batch and b % micro_batch == 0:
             chunks = x.reshape(b // micro_batch, micro_batch, *x.shape[1:])
