@@ -35,7 +35,10 @@ import platform
 import resource
 import time
 
-import jax
+# On a GPU, PyTorch runs in the same process: JAX must not take 75% of the card first.
+os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -44,15 +47,26 @@ from smartiqa_jax import sharding
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 
 
-# Datasheet dense (no sparsity) bf16 peaks, FLOP/s, by jax device_kind prefix.
-DATASHEET_BF16_PEAK = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12}
+# Datasheet dense (no sparsity) peaks, FLOP/s, by jax device_kind prefix: bf16, and TF32
+# (what fp32 matmuls run in on these cards at JAX's default precision).
+DATASHEET_PEAK = {
+    'bfloat16': {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12},
+    'float32': {'NVIDIA H100': 494.7e12, 'NVIDIA H200': 494.7e12, 'NVIDIA A100': 156e12},
+}
 
 
-def datasheet_peak(device) -> float | None:
-    for prefix, peak in DATASHEET_BF16_PEAK.items():
+def datasheet_peak(device, dtype: str = 'bfloat16') -> float | None:
+    for prefix, peak in DATASHEET_PEAK[dtype].items():
         if device.device_kind.startswith(prefix):
             return peak
     return None
+
+
+def devices_sharing_the_work() -> int:
+    """How many times one device's peak the program has: every device of a GPU or TPU
+    mesh is its own chip; CPU devices share one machine, whose whole matmul rate the
+    measured peak already is."""
+    return 1 if jax.devices()[0].platform == 'cpu' else jax.device_count()
 
 
 def program_flops(lowered) -> float:
@@ -63,14 +77,20 @@ def program_flops(lowered) -> float:
     return float((cost or {}).get('flops', 0.0))
 
 
-def utilisation(flops: float, batch: int, seconds: float, peak: float) -> dict:
-    """FLOPs per image and their rate against the measured (and datasheet) peak; nothing
-    where XLA gave no count (jax 0.11 on a GPU gave none for the train step)."""
+def utilisation(flops: float, batch: int, seconds: float, peak: float, dtype: str) -> dict:
+    """FLOPs per image and their rate against the measured (and datasheet) peak of all the
+    devices the batch is sharded over; nothing where XLA gave no count (jax 0.11 on a GPU
+    gave none for the train step). `flops` is the whole (global) program's; `peak` one
+    device's; MFU is against the datasheet peak of `dtype` (TF32 for float32)."""
     if not flops:
         return {}
-    row = dict(gflops_per_image=flops / batch / 1e9, jax_share_of_matmul_peak=flops / seconds / peak)
-    if datasheet_peak(jax.devices()[0]):
-        row['jax_mfu'] = flops / seconds / datasheet_peak(jax.devices()[0])
+    devices = devices_sharing_the_work()
+    rate = flops / seconds
+    row = dict(gflops_per_image=flops / batch / 1e9,
+               jax_share_of_matmul_peak=rate / (peak * devices))
+    datasheet = datasheet_peak(jax.devices()[0], dtype)
+    if datasheet:
+        row['jax_mfu'] = rate / (datasheet * devices)
     return row
 
 
@@ -213,7 +233,7 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
             row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
                        devices=jax.device_count(), micro_batch=micro_batch, attention=attention,
                        jax_images_per_s=batch / seconds,
-                       **utilisation(flops, batch, seconds, peak), **torch_row)
+                       **utilisation(flops, batch, seconds, peak, dtype), **torch_row)
             report(_with_ratio(row))
 
 
@@ -322,7 +342,8 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
                                    nnx.merge(train_graphdef, jax.device_get(params))).train()
         groups = {'backbone': [], 'head': []}
         for name, p in reference.named_parameters():
-            groups['backbone' if name.startswith('swin.backbone.') else 'head'].append(p)
+            # the released `swin` module (Swin and the lda branches): optim.BACKBONE_MODULES
+            groups['backbone' if name.startswith('swin.') else 'head'].append(p)
         opt = torch.optim.AdamW([{'params': groups[g], 'lr': config.optim[g].lr,
                                   'weight_decay': config.optim[g].weight_decay} for g in groups])
 
@@ -365,7 +386,7 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
                        jax_images_per_s=batch / seconds,
                        # host memory freshly mapped per step (BENCHMARKS.md, "Page faults")
                        jax_page_faults_per_step=faults / stepper.steps,
-                       **utilisation(flops, batch, seconds, peak), **torch_row)
+                       **utilisation(flops, batch, seconds, peak, dtype), **torch_row)
             report(_with_ratio(row))
 
 

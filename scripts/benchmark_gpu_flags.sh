@@ -18,7 +18,7 @@
 #   cudnn_layer_norm     LayerNorm as a cuDNN fused kernel
 #   no_command_buffer    CUDA graphs off (what launch overhead they save)
 # Each row goes to OUT_DIR/<name>.json as it is measured; a run cut short keeps them.
-# On a CPU the same script runs with `VARIANT=pico` for a check of its mechanics (the
+# On a CPU, `bash scripts/benchmark_gpu_flags.sh OUT pico 16` checks its mechanics (the
 # GPU options are accepted and ignored there).
 set -u
 mkdir -p "${1:-benchmark_gpu_flags}"

@@ -96,6 +96,11 @@ def main(argv=None):
     parser.add_argument('--no-torch', action='store_true', help='skip PyTorch')
     parser.add_argument('--json', help='also write the rows and totals to this JSON file')
     args = parser.parse_args(argv)
+    if jax.devices()[0].platform != 'cpu' and not args.no_torch:
+        # PyTorch's side runs on the host's CPU; against JAX on an accelerator it compares
+        # nothing.
+        parser.error(f"a CPU benchmark: JAX's device here is {jax.devices()[0].platform}; "
+                     'run it with JAX_PLATFORMS=cpu, or pass --no-torch')
     torch = None
     if not args.no_torch:
         import torch

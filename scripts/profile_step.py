@@ -129,9 +129,11 @@ def device_time(trace: dict, sources: dict[str, str], steps: int) -> dict:
 
 
 def profile(step, state, data, batch: int, out: str, steps: int, min_seconds: float,
-            keep_hlo: bool = True):
+            keep_hlo: bool = True, flop_step=None):
+    """flop_step: the same step with XLA's window attention, whose FLOPs XLA counts (it
+    leaves a fused kernel's out); None: `step` is that one."""
     lowered = step.lower(state, data)
-    flops = benchmark.program_flops(lowered)
+    flops = benchmark.program_flops((flop_step or step).lower(state, data))
     t = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t
@@ -179,10 +181,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     _, mesh, _, _, state, step = benchmark.train_step_setup(args.variant, args.fusion, args.dtype,
                                                             args.attention)
+    flop_step = None
+    if args.attention != 'xla':
+        flop_step = benchmark.graph_train_step(args.variant, args.fusion, args.dtype, state, mesh)
     for batch in args.batches:
         _, _, data = benchmark.train_batch(batch, mesh)
         row, state = profile(step, state, data, batch, args.out, args.steps, args.min_seconds,
-                             not args.no_hlo)
+                             not args.no_hlo, flop_step)
         row.update(variant=args.variant, dtype=args.dtype, attention=args.attention,
                    device=jax.devices()[0].device_kind, jax=jax.__version__)
         with open(os.path.join(args.out, f'step_b{batch}.json'), 'w') as f:

@@ -106,7 +106,9 @@ def cosine_schedule(*, base_lr: float, min_lr: float, total_steps: int,
       warmup_steps: steps of linear warmup (counted in `total_steps`).
       steps_per_epoch: steps in one epoch; used when `per_epoch`.
       per_epoch: hold the cosine rate constant within an epoch, stepping at
-        epoch boundaries as a per-epoch torch scheduler does. Warmup is per step.
+        epoch boundaries as a per-epoch torch scheduler does. Warmup is per step;
+        after a warmup that ends inside an epoch, the rest of that epoch runs at
+        base_lr.
 
     Returns:
       step (int array) -> learning rate (float32 array).
@@ -115,9 +117,11 @@ def cosine_schedule(*, base_lr: float, min_lr: float, total_steps: int,
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        t = jnp.maximum(step - warmup_steps, 0.0)
-        if per_epoch:
-            t = jnp.floor(t / steps_per_epoch) * steps_per_epoch
+        if per_epoch:   # the rate at the epoch's first step, also after a part-epoch warmup
+            step_or_epoch_start = jnp.floor(step / steps_per_epoch) * steps_per_epoch
+        else:
+            step_or_epoch_start = step
+        t = jnp.maximum(step_or_epoch_start - warmup_steps, 0.0)
         progress = jnp.clip(t / decay_steps, 0.0, 1.0)
         cosine = min_lr + (base_lr - min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * progress))
         if warmup_steps <= 0:

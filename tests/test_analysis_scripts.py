@@ -192,6 +192,31 @@ def test_benchmark_states_what_twice_pytorch_asks_of_the_machine(tmp_path, monke
     assert row['jax_page_faults_per_step'] >= 0 and 'two_x_torch_share_of_best_peak' not in row
 
 
+def test_benchmark_utilisation_is_over_every_chip_and_the_dtypes_peak(monkeypatch):
+    """The FLOPs of a sharded step are the whole batch's: over 8 GPUs they are measured
+    against 8 chips' peak, and an fp32 (TF32) step against the TF32 datasheet peak. CPU
+    devices share one machine, whose peak the measured one already is."""
+    bench = _script('benchmark')
+
+    class Device:
+        def __init__(self, platform, kind):
+            self.platform, self.device_kind = platform, kind
+
+    gpus = [Device('gpu', 'NVIDIA H100 80GB HBM3')] * 8
+    monkeypatch.setattr(bench.jax, 'devices', lambda: gpus)
+    monkeypatch.setattr(bench.jax, 'device_count', lambda: len(gpus))
+    row = bench.utilisation(8 * 494.7e12, batch=64, seconds=1.0, peak=700e12, dtype='bfloat16')
+    assert row['jax_mfu'] == pytest.approx(494.7 / 989)
+    assert row['jax_share_of_matmul_peak'] == pytest.approx(494.7 / 700)
+    assert bench.utilisation(8 * 494.7e12, 64, 1.0, 700e12, 'float32')['jax_mfu'] == \
+        pytest.approx(1.0)
+    cpus = [Device('cpu', 'cpu')] * 2
+    monkeypatch.setattr(bench.jax, 'devices', lambda: cpus)
+    monkeypatch.setattr(bench.jax, 'device_count', lambda: len(cpus))
+    row = bench.utilisation(100e9, batch=16, seconds=1.0, peak=200e9, dtype='float32')
+    assert row == pytest.approx({'gflops_per_image': 6.25, 'jax_share_of_matmul_peak': 0.5})
+
+
 def test_benchmark_times_several_attention_implementations_on_the_same_weights(
         tmp_path, monkeypatch):
     """`--attention xla pallas`: one row each (Pallas interpreted on this CPU), FLOPs

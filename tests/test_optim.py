@@ -115,6 +115,14 @@ def test_per_epoch_schedule_is_constant_within_an_epoch():
     for epoch in range(4):
         assert len(set(values[epoch * 10:(epoch + 1) * 10])) == 1
     assert values[0] == 1.0 and values[10] == pytest.approx(0.5 * (1 + np.cos(np.pi / 4)))
+    # A warmup that ends inside an epoch: that epoch's rest at base_lr, then whole epochs.
+    s = optim.cosine_schedule(base_lr=1.0, min_lr=0.0, total_steps=12, warmup_steps=2,
+                              steps_per_epoch=4, per_epoch=True)
+    values = [float(s(i)) for i in range(12)]
+    np.testing.assert_allclose(values[:4], [0.5, 1.0, 1.0, 1.0])
+    for epoch in (1, 2):
+        assert len(set(values[epoch * 4:(epoch + 1) * 4])) == 1
+    assert values[4] == pytest.approx(0.5 * (1 + np.cos(np.pi * 2 / 10)))
 
 
 def test_floor_above_the_start_makes_the_rate_rise():
