@@ -173,6 +173,10 @@ def read_records(key: str, root: str, split: str, options: Optional[dict] = None
     """
     from smartiqa_jax import data
     info = DATASETS[key]
+    if split == 'all' and options and options.get('split_column'):
+        # Every row, whatever its split column says (rows with a value no split is known
+        # by would be left out otherwise).
+        options = {k: v for k, v in options.items() if k != 'split_column'}
     try:
         splits = data.load_splits(info.reader, root, **(options or {}))
     except (data.DataError, FileNotFoundError) as e:

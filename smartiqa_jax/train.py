@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any, Sequence
 
@@ -674,6 +675,17 @@ def _check_splits(splits, config) -> None:
                 f'the {name} split of {config.data.dataset} in {config.data.root} is empty: '
                 'the run trains on train, chooses its epoch on validation and tests on test '
                 '(a CSV: check its split column, config.data.csv.split_column)')
+    # Before any image is decoded (the decoded cache decodes the whole split first); the
+    # trainer checks again with the images that did decode.
+    if len(splits['train']) * config.data.patches_per_image < config.train.batch_size:
+        raise _no_full_batch(len(splits['train']), config)
+
+
+def _no_full_batch(num_images: int, config) -> ConfigError:
+    return ConfigError(
+        f'an epoch has no full batch: {num_images} training images x '
+        f'{config.data.patches_per_image} patches (config.data.patches_per_image) < '
+        f'config.train.batch_size {config.train.batch_size}')
 
 
 # Settings a resumed run may change: they do not change what it computes (or only
@@ -798,10 +810,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise ConfigError(
-            f'an epoch has no full batch: {feed.num_images} training images x '
-            f'{config.data.patches_per_image} patches (config.data.patches_per_image) < '
-            f'config.train.batch_size {config.train.batch_size}')
+        raise _no_full_batch(feed.num_images, config)
     total_steps = steps_per_epoch * config.train.num_epochs
     eval_kwargs = dict(batch_size=config.train.eval_batch_size, seed=config.seed)
     val_set = EvalSet('validation', splits['validation'], config.data, **eval_kwargs)
@@ -1009,7 +1018,24 @@ def main(argv=None) -> None:
                 DataError) as e:
             raise SystemExit(str(e)) from None
 
+    _importable_config_folder(sys.argv if argv is None else argv)
     app.run(run, argv=argv)
+
+
+def _importable_config_folder(argv) -> None:
+    """Puts the folder above the config file's folder on sys.path, so that a config that
+    builds on another (`from configs import base`) loads from any working directory and
+    through the `smartiqa` command, not only with `python -m` from the repository root."""
+    for i, arg in enumerate(argv):
+        if arg.startswith('--config='):
+            path = arg[len('--config='):]
+        elif arg == '--config' and i + 1 < len(argv):
+            path = argv[i + 1]
+        else:
+            continue
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(path.split(':')[0])))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
 
 
 if __name__ == '__main__':

@@ -76,8 +76,9 @@ def test_your_own_csv_with_its_own_columns(ckpt, tmp_path, capsys):
     own = tmp_path / 'mine' / 'my_labels.csv'
     with open(own, 'w', newline='') as f:
         writer = csv.writer(f)
-        writer.writerow(['file', 'mos'])
-        writer.writerows([r['image'], float(r['score']) / 2 + 1] for r in _read_csv(source))
+        writer.writerow(['file', 'mos', 'set'])
+        writer.writerows([r['image'], float(r['score']) / 2 + 1, ('dev', 'test', 'training')[i % 3]]
+                         for i, r in enumerate(_read_csv(source)))
     out = tmp_path / 'eval'
     assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', '--csv-root', str(own),
                           '--csv-image-column', 'file', '--csv-score-column', 'mos',
@@ -89,6 +90,12 @@ def test_your_own_csv_with_its_own_columns(ckpt, tmp_path, capsys):
     assert sorted(label) == [i / 2 + 1 for i in range(10)]
     summary = {row['dataset']: row for row in _read_csv(out / 'table3.csv')}
     assert float(summary['csv']['srcc']) == pytest.approx(scipy.stats.spearmanr(pred, label)[0])
+    # A split column: a split takes its rows; 'all' takes every row, also the 4 rows of a
+    # split ('dev') that no reader knows.
+    columns = dict(image_column='file', score_column='mos', split_column='set',
+                   score_range=(1.0, 5.5))
+    assert len(evaluate.read_records('csv', str(own), 'test', columns)) == 3
+    assert len(evaluate.read_records('csv', str(own), 'all', columns)) == 10
     capsys.readouterr()
     assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', *FAST]) == 2
     assert '--datasets csv needs --csv-root FILE' in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / 'notebooks' / 'smartiqa_tpu.ipynb'
@@ -14,6 +15,7 @@ def test_notebook_runs_in_smoke_mode(monkeypatch, tmp_path):
     assert 'parameters' in cells[1]['metadata']['tags']
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv('TMPDIR', str(tmp_path))
+    monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))   # gettempdir() caches its answer
     namespace = {'__name__': '__notebook__'}
     for i, source in enumerate(code):
         exec(compile(source, f'{NOTEBOOK.name} code cell {i}', 'exec'), namespace)
@@ -23,4 +25,9 @@ def test_notebook_runs_in_smoke_mode(monkeypatch, tmp_path):
     assert (workdir / 'smartiqa.safetensors').stat().st_size > 0
     assert len((workdir / 'scores.csv').read_text().splitlines()) == 5   # header + 4 photos
     assert namespace['torch_model'] is not None
-    assert os.path.isdir(namespace['DATA_DIR'])
+    data_dir = namespace['DATA_DIR']
+    assert os.path.isdir(data_dir)
+    # The trainer was given the folder the demo versions live in, not one version's folder
+    # (which would have made a second copy of the dataset inside the first).
+    assert os.path.dirname(data_dir) == namespace['DATA_ROOT']
+    assert not os.path.exists(os.path.join(data_dir, os.path.basename(data_dir)))

@@ -4,6 +4,8 @@ settings, a lost best-step record, and a model that scores NaN."""
 import csv
 import glob
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from configs import smoke
 from smartiqa_jax import checkpoint, sharding, train
 from smartiqa_jax.metrics import quality_metrics
-from tests.test_train import _cli
+from tests.test_train import REPO, _cli
 
 
 def _config(demo_root, **changes):
@@ -76,8 +78,8 @@ def test_an_empty_split_is_named_before_training(missing, tmp_path, demo_root, n
         train.train_and_evaluate(config, str(tmp_path / 'run'))
 
 
-def test_too_few_training_images_for_one_batch(tmp_path, demo_root):
-    config = _config(demo_root, data__max_images_per_split=3)
+def test_too_few_training_images_for_one_batch(tmp_path, demo_root, no_data):
+    config = _config(demo_root, data__max_images_per_split=3, data__cache=True)
     with pytest.raises(train.ConfigError, match=r'an epoch has no full batch: 3 training images '
                                                 r'x 1 patches .* < config.train.batch_size 4'):
         train.train_and_evaluate(config, str(tmp_path))
@@ -143,4 +145,19 @@ def test_cli_names_a_config_mistake_without_a_traceback(tmp_path, demo_root):
     run = _cli('--config', 'configs/smoke.py', '--workdir', str(tmp_path),
                f'--config.data.root={demo_root}', '--config.train.loss=L1')
     assert run.returncode != 0
+    assert "train.loss 'L1' is not one of" in run.stderr and 'Traceback' not in run.stderr
+
+
+def test_configs_that_build_on_base_load_from_any_folder(tmp_path, demo_root):
+    """`smartiqa train --config /abs/configs/smoke.py` outside the repository: smoke.py
+    imports configs.demo, which imports configs.base; the config folder's parent is put on
+    sys.path for that (the mistake below stops the run right after the config loads)."""
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    env['JAX_PLATFORMS'] = 'cpu'
+    run = subprocess.run(
+        [sys.executable, '-m', 'smartiqa_jax.cli', 'train',
+         '--config', os.path.join(REPO, 'configs', 'smoke.py'), '--workdir', str(tmp_path / 'w'),
+         f'--config.data.root={demo_root}', '--config.train.loss=L1'],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert "No module named 'configs'" not in run.stderr
     assert "train.loss 'L1' is not one of" in run.stderr and 'Traceback' not in run.stderr
