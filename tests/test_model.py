@@ -161,3 +161,11 @@ def test_the_backbone_refuses_inputs_of_another_size(model):
             swin.SwinTransformer(VARIANTS['pico'], img_size=size, rngs=nnx.Rngs(0))
     built = swin.SwinTransformer(VARIANTS['pico'], img_size=448, rngs=nnx.Rngs(0))
     assert [f.shape[1] for f in built(jnp.zeros((1, 448, 448, 3)))] == [112, 56, 28, 14]
+
+
+def test_layer_norm_keeps_its_precision_when_the_mean_dwarfs_the_spread():
+    # mean 100, spread 0.1: mean(x^2) - mean^2 in fp32 would be off by ~0.5 after normalising
+    x = np.random.default_rng(0).standard_normal((8, 1024)) * 0.1 + 100.0
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
+    got = swin.layer_norm(1024, rngs=nnx.Rngs(0))(jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-3)
