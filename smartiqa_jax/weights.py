@@ -359,6 +359,11 @@ def load_timm_backbone(model: SmartIQA, state_or_path: str | os.PathLike | Mappi
         source, state = 'state_dict', _unwrap(state_or_path, 'state_dict')
     else:
         source, state = os.fspath(state_or_path), read_state_dict(state_or_path)
+    if any(k.startswith('swin.backbone.') for k in state):
+        raise WeightsError(
+            f'{source}: a whole SMART-IQA model (keys swin.backbone.*), not a Swin backbone '
+            'file: load it with `convert from-pytorch` or smartiqa_jax.load, or start '
+            'training from it with config.model.init_from')
     # Microsoft's layout is recognisable by a downsample in stage 0, which timm never has.
     if any(k.startswith('layers.0.downsample.') for k in state):
         state = _microsoft_to_timm(state)

@@ -145,6 +145,14 @@ def _saved(state, path):
     return path
 
 
+def test_a_smartiqa_file_given_as_backbone_weights_says_what_it_is(reference, tmp_path):
+    path = _saved(released_state(reference), tmp_path / 'smartiqa.safetensors')
+    model = SmartIQA(ModelConfig('tiny', 'attention'), rngs=nnx.Rngs(0))
+    with pytest.raises(weights.WeightsError, match='smartiqa.safetensors: a whole SMART-IQA '
+                                                   r'model .* config.model.init_from'):
+        weights.load_timm_backbone(model, path)
+
+
 def test_wrong_variant_for_given_config(reference):
     with pytest.raises(weights.WeightsError, match='missing keys'):
         weights.load_pytorch(released_state(reference), ModelConfig('small', 'attention'))
