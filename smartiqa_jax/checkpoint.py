@@ -103,8 +103,10 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise CheckpointError(f'{path}: no such checkpoint directory')
     if _is_model_dir(path):
         return path
-    if _is_model_dir(path / 'model'):
-        return path / 'model'
+    # The run's workdir, also when its checkpoints/ folder is what was given.
+    workdir = path.parent if path.name == 'checkpoints' else path
+    if _is_model_dir(workdir / 'model'):
+        return workdir / 'model'
     for root in (path / 'checkpoints', path):
         if not root.is_dir():
             continue
@@ -127,7 +129,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             # is folded in: never hand them out as the run's model.
             raise CheckpointError(
                 f'{path}: the run calibrates its scores (train.calibrate) but its calibrated '
-                f'model ({path / "model"}) is not there yet: run the training command again '
+                f'model ({workdir / "model"}) is not there yet: run the training command again '
                 f'to finish it, or pass a step directory ({chosen}) for the raw model')
         return chosen
     raise CheckpointError(f'{path}: not a SMART-IQA checkpoint (expected {PARAMS}/ and '

@@ -25,8 +25,9 @@ re-execute themselves once with GLIBC_TUNABLES set, before any computation, when
 
 The cost: the process keeps its peak memory until it exits (3.4 GB for the demo),
 as PyTorch's caching allocator does on a GPU. Library calls (`train_and_evaluate`,
-notebooks, tests) are never re-executed; they can set the variable themselves
-before Python starts.
+notebooks, tests) are never re-executed, nor is a command whose line cannot be run again
+(`reason_not_to_replay`: an interactive session, a program from stdin, a sys.argv that a
+caller rewrote); they can set the variable themselves before Python starts.
 """
 
 from __future__ import annotations
@@ -101,11 +102,38 @@ def reexec_with_tunables() -> None:
     replaces the process with the same command line (`sys.orig_argv`) and
     GLIBC_TUNABLES set, and does not return. Call it before any JAX computation.
     """
-    if reason_not_to_reexec() is not None:
+    if reason_not_to_reexec() is not None or reason_not_to_replay() is not None:
         return
     os.environ['GLIBC_TUNABLES'] = TUNABLES
     print(f'smartiqa_jax: restarting with GLIBC_TUNABLES={TUNABLES} (faster CPU steps; '
           f'{OPT_OUT}=system keeps the defaults)', file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    try:
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    except OSError as e:   # carry on as we are
+        del os.environ['GLIBC_TUNABLES']
+        print(f'smartiqa_jax: could not restart ({e}); going on with glibc defaults',
+              file=sys.stderr)
+
+
+def reason_not_to_replay() -> str | None:
+    """Why this process's command line cannot simply be run again; None when it can.
+
+    Re-executing `sys.orig_argv` repeats the command only when it is this program's own
+    command line: not in an interactive session or a notebook kernel (it would restart
+    the interpreter, losing the session), not for a program read from stdin (already
+    consumed), and not when sys.argv was rewritten by a caller (runpy, %run).
+    """
+    if sys.flags.interactive or hasattr(sys, 'ps1'):
+        return 'an interactive session'
+    ipython = sys.modules.get('IPython')    # imported by libraries too: ask for a shell
+    if ipython is not None and getattr(ipython, 'get_ipython', lambda: None)() is not None:
+        return 'an IPython session'
+    orig = list(getattr(sys, 'orig_argv', []))
+    if len(orig) < 2 or orig[1] == '-':
+        return 'the program was read from stdin'
+    args = sys.argv[1:]
+    if args and orig[-len(args):] != args:
+        return 'sys.argv is not the command line'
+    return None

@@ -759,6 +759,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices('smartiqa_jax.train: start')
     workdir = _expand(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f'workdir {workdir} is a file: give a folder for the run '
+                          '(checkpoints, logs and results)')
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
@@ -987,8 +990,14 @@ def main(argv=None) -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file(
-        'config', None, 'Training config file (configs/*.py).', lock_config=True)
+    argv = list(sys.argv if argv is None else argv)
+    # A second call in one process (a notebook) defines the flags afresh: the config's
+    # override flags (--config.x.y) are made from this call's argv.
+    for name in list(flags.FLAGS):
+        if name in _FLAG_NAMES or name.startswith('config.'):
+            delattr(flags.FLAGS, name)
+    config_flags.DEFINE_config_file(
+        'config', None, 'Training config file (configs/*.py).', lock_config=True, sys_argv=argv)
     flags.DEFINE_string('workdir', None, 'Checkpoints, logs and results; default workdirs/<config>.')
     flags.DEFINE_bool('distributed', False,
                       'Multi-process run on a cluster JAX detects itself (TPU pod, SLURM, ...).')
@@ -1013,19 +1022,24 @@ def main(argv=None) -> None:
         name = os.path.splitext(os.path.basename(config_file))[0]
         workdir = f.workdir or os.path.join('workdirs', name)
         try:
-            train_and_evaluate(config_flag.value, workdir)
+            train_and_evaluate(f.config, workdir)
         except (DatasetNotFoundError, WeightsError, CheckpointError, ConfigError,
                 DataError) as e:
             raise SystemExit(str(e)) from None
 
-    _importable_config_folder(sys.argv if argv is None else argv)
+    _prepare_config_file(argv)
     app.run(run, argv=argv)
 
 
-def _importable_config_folder(argv) -> None:
-    """Puts the folder above the config file's folder on sys.path, so that a config that
-    builds on another (`from configs import base`) loads from any working directory and
-    through the `smartiqa` command, not only with `python -m` from the repository root."""
+_FLAG_NAMES = ('config', 'workdir', 'distributed', 'coordinator_address', 'num_processes',
+               'process_id')
+
+
+def _prepare_config_file(argv) -> None:
+    """Stops with a one-line message if the --config file does not exist, and puts the
+    folder above its folder on sys.path, so that a config that builds on another (`from
+    configs import base`) loads from any working directory and through the `smartiqa`
+    command, not only with `python -m` from the repository root."""
     for i, arg in enumerate(argv):
         if arg.startswith('--config='):
             path = arg[len('--config='):]
@@ -1033,7 +1047,10 @@ def _importable_config_folder(argv) -> None:
             path = argv[i + 1]
         else:
             continue
-        folder = os.path.dirname(os.path.dirname(os.path.abspath(path.split(':')[0])))
+        path = path.split(':')[0]
+        if not os.path.isfile(path):
+            raise SystemExit(f'--config {path}: no such file')
+        folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         if folder not in sys.path:
             sys.path.insert(0, folder)
 

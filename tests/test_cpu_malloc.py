@@ -77,3 +77,28 @@ def test_the_train_command_restarts_itself_once_and_keeps_its_arguments():
     assert out.returncode == 1, out.stderr        # absl's exit status after --helpshort
     assert out.stderr.count('restarting with GLIBC_TUNABLES') == 1
     assert '--workdir' in out.stdout + out.stderr       # the restarted process saw the flag
+
+
+@needs_glibc
+@pytest.mark.parametrize('how', ['stdin', 'argv rewritten', 'interactive'])
+def test_a_command_line_that_cannot_be_replayed_is_not_restarted(how):
+    """A program from stdin, a caller that rewrote sys.argv (runpy, IPython's %run) or an
+    interactive session: re-executing sys.orig_argv would not repeat the command (it would
+    start a bare interpreter and lose the session), so the process goes on as it is."""
+    code = textwrap.dedent('''
+        import sys
+        from smartiqa_jax import cpu_malloc
+        sys.argv = ['predict', '--help'] if ARGV else sys.argv
+        cpu_malloc.reexec_with_tunables()
+        print('went on', cpu_malloc.reason_not_to_replay())
+    ''').replace('ARGV', str(how == 'argv rewritten'))
+    if how == 'stdin':
+        command, stdin = [sys.executable, '-'], code
+    elif how == 'argv rewritten':
+        command, stdin = [sys.executable, '-c', code], None
+    else:
+        command, stdin = [sys.executable, '-i', '-c', code], ''
+    out = subprocess.run(command, input=stdin, env=_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert 'restarting' not in out.stderr
+    assert 'went on' in out.stdout, out.stderr

@@ -66,6 +66,7 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     # The calibration pass reads the training feed's decoded cache: each image once.
     assert decode_counts and max(decode_counts.values()) == 1
     assert checkpoint.find_checkpoint(tmp_path) == tmp_path / 'model'
+    assert checkpoint.find_checkpoint(tmp_path / 'checkpoints') == tmp_path / 'model'
     # It carries the run's config, so `predict` preprocesses as the run did.
     from smartiqa_jax import predict
     assert predict.checkpoint_resize(tmp_path / 'model') == (True, (224, 224))
@@ -84,8 +85,10 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     # raw (plcc-scale) best step as its model; a step directory still loads.
     import shutil
     shutil.rmtree(tmp_path / 'model')
-    with pytest.raises(checkpoint.CheckpointError, match='calibrated model .* is not there yet'):
-        checkpoint.find_checkpoint(tmp_path)
+    for given in (tmp_path, tmp_path / 'checkpoints'):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=f'calibrated model \\({tmp_path / "model"}\\) is not there yet'):
+            checkpoint.find_checkpoint(given)
     assert checkpoint.find_checkpoint(tmp_path / 'checkpoints' / str(summary['best_step']))
 
 

@@ -161,3 +161,21 @@ def test_configs_that_build_on_base_load_from_any_folder(tmp_path, demo_root):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert "No module named 'configs'" not in run.stderr
     assert "train.loss 'L1' is not one of" in run.stderr and 'Traceback' not in run.stderr
+
+
+def test_train_command_twice_in_one_process_with_usage_mistakes(tmp_path, demo_root, capsys):
+    """`smartiqa_jax.cli.main(['train', ...])` as a notebook would call it, twice: the
+    flags are defined once, and a missing config file or a workdir that is a file get a
+    one-line message (exit status 1), not a traceback."""
+    from smartiqa_jax import cli
+    missing = tmp_path / 'nope.py'
+    afile = tmp_path / 'afile'
+    afile.write_text('')
+    smoke_file = os.path.join(REPO, 'configs', 'smoke.py')
+    for _ in range(2):
+        assert cli.main(['train', '--config', str(missing)]) == 1
+        assert capsys.readouterr().err.strip() == f'--config {missing}: no such file'
+        assert cli.main(['train', '--config', smoke_file, '--workdir', str(afile),
+                         f'--config.data.root={demo_root}']) == 1
+        err = capsys.readouterr().err
+        assert f'workdir {afile} is a file' in err and 'Traceback' not in err
