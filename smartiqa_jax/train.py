@@ -806,6 +806,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_json = json.loads(config.to_json())
     if checkpoints.latest_step() is not None:
         check_resumable(config_json, checkpoints, checkpoints.latest_step(), shards_here)
+    elif os.path.isdir(os.path.join(workdir, 'model')):
+        # A fresh run here would leave the earlier run's model/ where load(workdir) and
+        # predict look first.
+        raise ConfigError(
+            f'{workdir} holds the model of an earlier run ({os.path.join(workdir, "model")}) '
+            'but no checkpoints to resume: give this run another workdir, or move that '
+            'model/ away first')
 
     feed = TrainFeed(splits['train'], config.data, global_batch_size=config.train.batch_size,
                      seed=config.seed)

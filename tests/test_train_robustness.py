@@ -179,3 +179,12 @@ def test_train_command_twice_in_one_process_with_usage_mistakes(tmp_path, demo_r
                          f'--config.data.root={demo_root}']) == 1
         err = capsys.readouterr().err
         assert f'workdir {afile} is a file' in err and 'Traceback' not in err
+
+
+def test_a_fresh_run_refuses_a_workdir_with_an_earlier_runs_model(tmp_path, demo_root, no_data):
+    """No checkpoints to resume but a model/ (an earlier run whose checkpoints were
+    removed): a new run there would leave that stale model where load(workdir) looks."""
+    os.makedirs(tmp_path / 'run' / 'model')
+    with pytest.raises(train.ConfigError, match=r'holds the model of an earlier run .* '
+                                                'no checkpoints to resume'):
+        train.train_and_evaluate(_config(demo_root), str(tmp_path / 'run'))
