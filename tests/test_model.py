@@ -155,7 +155,7 @@ def test_the_backbone_refuses_inputs_of_another_size(model):
                                          r'shape \(1, 448, 448, 3\)'):
         model(jnp.zeros((1, 448, 448, 3)))
     with pytest.raises(ValueError, match=r'got an array of shape \(1, 3, 224, 224\)'):
-        model.backbone(jnp.zeros((1, 3, 224, 224)))   # NCHW, as PyTorch would pass it
+        model.predict(np.zeros((1, 3, 224, 224)))   # NCHW, as PyTorch would pass it
     for size in (112, 256):    # 112: a 3.5-wide stage 3; 256: stages that do not tile
         with pytest.raises(ValueError, match=f'img_size {size} does not give four stages'):
             swin.SwinTransformer(VARIANTS['pico'], img_size=size, rngs=nnx.Rngs(0))

@@ -249,9 +249,7 @@ class SmartIQA(nnx.Module):
         and neighbours do not change it beyond float rounding. `micro_batch`: see
         SwinTransformer.__call__ (a CPU speed-up; results unchanged).
         """
-        images = jnp.asarray(images, jnp.float32)
-        if images.ndim != 4 or images.shape[1:] != (224, 224, 3):
-            raise ValueError(f'predict expects (B, 224, 224, 3) NHWC crops, got {images.shape}')
+        images = jnp.asarray(images, jnp.float32)   # the backbone checks the shape
         out = _predict(nnx.view(self, deterministic=True), images, micro_batch)
         return jax.tree.map(np.asarray, out)
 
