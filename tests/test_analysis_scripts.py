@@ -265,3 +265,17 @@ def test_matmul_benchmark_times_the_three_products_of_every_linear(tmp_path):
             key = f'{lib}_{kind}_ms'
             assert sums[key] == pytest.approx(sum(r[key] * r['blocks'] for r in report['rows']))
             assert all(r[key] > 0 for r in report['rows'])
+
+
+def test_ops_benchmark_times_both_versions_alone_and_in_the_train_step(capsys):
+    """scripts/benchmark_ops.py: our softmax and GELU against jax.nn's, then the train step
+    built with each; the model's own ops are back in place afterwards."""
+    from smartiqa_jax.models import swin
+    ours = (swin.softmax, swin.gelu)
+    results = _script('benchmark_ops').main(['--variant', 'pico', '--batch', '1',
+                                             '--window', '0', '--train-step'])
+    assert (swin.softmax, swin.gelu) == ours
+    assert all(t > 0 for op in ('softmax', 'gelu') for t in results[op])
+    assert len(results['train_step']) == 8 and all(r > 0 for r in results['train_step'])
+    out = capsys.readouterr().out
+    assert 'softmax  (1, 64, 1, 49, 49)' in out and "batch 1, jax.nn's ops: median" in out

@@ -33,6 +33,27 @@ def pallas_interpreted(q, k, v, bias, mask, scale):
                                         interpret=True)
 
 
+def test_softmax_with_its_written_backward_is_jax_nn_softmax():
+    """`swin.softmax` (the xla attention's, with a hand-written backward) against
+    jax.nn.softmax: values and gradients, with the shift mask's -100s and logits far
+    beyond exp's range."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 4, 49, 49)).astype(np.float32) * 5
+    logits[0] += swin.shifted_window_mask(14, 14, 7, 3)
+    logits[1, 0] *= 1000.0
+    weights = jnp.asarray(rng.standard_normal(logits.shape), jnp.float32)
+
+    def loss(f):
+        return lambda x: (f(x) * weights).sum()
+
+    np.testing.assert_allclose(swin.softmax(logits), jax.nn.softmax(logits, axis=-1),
+                               atol=1e-6, rtol=1e-5)
+    got = jax.jit(jax.grad(loss(swin.softmax)))(logits)
+    want = jax.jit(jax.grad(loss(lambda x: jax.nn.softmax(x, axis=-1))))(logits)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('implementation', [fused_on_cpu, pallas_interpreted])
 @pytest.mark.parametrize('batch,side,shift', [(3, 14, False), (3, 14, True), (2, 21, True),
                                               (5, 7, False)])

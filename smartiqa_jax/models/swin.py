@@ -24,6 +24,7 @@ from smartiqa_jax.sharding import DATA_AXIS
 WINDOW = 7
 PATCH = 4
 LN_EPS = 1e-5
+SQRT_HALF = 0.5 ** 0.5
 
 # timm's Swin init: trunc-normal 0.02 Linears and bias table (SPEC 1.5b); PyTorch defaults
 # for the patch-embedding conv.
@@ -60,8 +61,12 @@ def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact GELU, as PyTorch's nn.GELU (jax.nn.gelu defaults to the tanh approximation)."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact GELU in PyTorch's formula, x/2 * (1 + erf(x/sqrt(2))).
+
+    Not `jax.nn.gelu`: it defaults to the tanh approximation, and its exact form goes
+    through erfc(-x/sqrt(2)), which XLA:CPU runs 1.8x slower (BENCHMARKS.md, session 11).
+    """
+    return 0.5 * x * (1 + jax.lax.erf(x * SQRT_HALF))
 
 
 class DropPath(nnx.Module):
@@ -158,6 +163,30 @@ def resolve_attention(attention: str, dtype=None) -> str:
     return 'pallas' if capability >= 8.0 else 'xla'
 
 
+@jax.custom_vjp
+def softmax(logits: jax.Array) -> jax.Array:
+    """Softmax over the last axis, with its backward written out: (g - sum(g * p)) * p.
+
+    The values of `jax.nn.softmax` to rounding, and its gradients; XLA:CPU runs its forward
+    and backward together 3x as fast as those of jax.nn.softmax, whose backward comes from
+    transposing a JVP (BENCHMARKS.md, session 11).
+    """
+    e = jnp.exp(logits - logits.max(-1, keepdims=True))
+    return e * (1 / e.sum(-1, keepdims=True))
+
+
+def _softmax_fwd(logits):
+    probs = softmax(logits)
+    return probs, probs
+
+
+def _softmax_bwd(probs, g):
+    return ((g - (g * probs).sum(-1, keepdims=True)) * probs,)
+
+
+softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
 def window_attention_xla(q, k, v, bias, mask, scale):
     """Attention inside each window, written out for XLA.
 
@@ -172,7 +201,7 @@ def window_attention_xla(q, k, v, bias, mask, scale):
     logits = logits.astype(jnp.float32) + bias
     if mask is not None:
         logits = logits + mask[None, :, None]
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = softmax(logits).astype(v.dtype)
     return jnp.einsum('bwhnm,bwmhd->bwnhd', probs, v, preferred_element_type=out_dtype)
 
 
