@@ -8,12 +8,13 @@ photo, so the test photos are never seen in training. With no pretrained
 weights the backbone trains at the head's rate, with warmup and a per-step
 cosine.
 
-What it reaches (2026-11-27, session 10, 2-core CPU, demo dataset version 2): test
-SRCC 0.81, PLCC 0.81 (seeds 1 and 2: 0.79, 0.76; 0.79 over the three), in 11 min 26 s
-on a slow VM (README, Training). Session 7's figures below predate LayerNorm's exact
-variance (session 10), which changed only float rounding: the same three seeds gave
-0.84 / 0.78 / 0.74 then. Three changes of session 7 made the difference, measured in
-full runs:
+What it reaches (2026-11-27, session 11, 2-core CPU, demo dataset version 2): test
+SRCC 0.82, PLCC 0.83 (seeds 1 and 2: 0.80, 0.74; 0.785 over the three), in 7 min 20 s
+(README, Training). Session 7's figures below predate LayerNorm's exact variance
+(session 10) and the hand-written softmax backward and erf GELU (session 11), which
+changed only float rounding: the same three seeds gave 0.84 / 0.78 / 0.74 then, and
+0.81 / 0.79 / 0.76 in session 10. Three changes of session 7 made the difference,
+measured in full runs:
 - model.patch_norm=False: Swin's LayerNorm after the patch embedding scales every
   4x4 patch's 16 responses to unit variance, so a 16-wide stage 0 cannot tell a
   noisy patch from a clean one by amplitude. Without it (session-6 config
