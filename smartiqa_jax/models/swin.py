@@ -64,7 +64,8 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU in PyTorch's formula, x/2 * (1 + erf(x/sqrt(2))).
 
     Not `jax.nn.gelu`: it defaults to the tanh approximation, and its exact form goes
-    through erfc(-x/sqrt(2)), which XLA:CPU runs 1.8x slower (BENCHMARKS.md, session 11).
+    through erfc(-x/sqrt(2)), whose forward XLA:CPU runs 1.8x slower (BENCHMARKS.md,
+    session 11).
     """
     return 0.5 * x * (1 + jax.lax.erf(x * SQRT_HALF))
 
