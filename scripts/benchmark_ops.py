@@ -87,14 +87,18 @@ def _train_step(args, benchmark, swin, theirs, ours):
                                                                 'float32')
     _, _, data = benchmark.train_batch(args.batch, mesh)
     steppers = {}
-    for who, ops in (('jax.nn', theirs), ('ours', ours)):
-        swin.softmax, swin.gelu = ops['softmax'], ops['gelu']   # read when the step is traced
-        t = time.perf_counter()
-        compiled = benchmark._jitted_step(graphdef, benchmark._base_recipe()[1], mesh,
-                                          state).lower(state, data).compile()
-        print(f'  compiled the train step with {LABEL[who]} in {time.perf_counter() - t:.0f} s')
-        steppers[who] = benchmark.Stepper(compiled, jax.tree.map(lambda x: x.copy(), state), data)
-    swin.softmax, swin.gelu = ours['softmax'], ours['gelu']
+    try:
+        for who, ops in (('jax.nn', theirs), ('ours', ours)):
+            swin.softmax, swin.gelu = ops['softmax'], ops['gelu']   # read when it is traced
+            t = time.perf_counter()
+            compiled = benchmark._jitted_step(graphdef, benchmark._base_recipe()[1], mesh,
+                                              state).lower(state, data).compile()
+            print(f'  compiled the train step with {LABEL[who]} in '
+                  f'{time.perf_counter() - t:.0f} s')
+            steppers[who] = benchmark.Stepper(compiled, jax.tree.map(lambda x: x.copy(), state),
+                                              data)
+    finally:
+        swin.softmax, swin.gelu = ours['softmax'], ours['gelu']
     rates = {who: [] for who in steppers}
     for r in range(ROUNDS):
         for who in (list(steppers) if r % 2 == 0 else list(steppers)[::-1]):
