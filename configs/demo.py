@@ -70,10 +70,10 @@ measured in full runs:
   0.55 at epoch 3 against 0.27), best val 0.70 at epoch 9, test 0.77 against
   0.78, in 12 min 50 s (the VM ran the step at ~38 images/s then, against ~64 in
   session 7's runs). No gain; seeds 2 and 0 were not run.
-- Not yet adopted (session 11): 12 epochs for seed 2, the weakest seed, now that an
-  epoch takes ~37 s: best val 0.69 (epoch 9), test 0.775 against 0.737 with 10
-  epochs, in 8 min 46 s (the VM ran slower that hour, ~40 s an epoch). One seed only:
-  seeds 0 and 1 were not rerun, and the 11- and 12-epoch trials above did not gain.
+- Not used (session 11): 12 epochs, now that an epoch takes ~37 s. Seeds 0 / 1 / 2:
+  test 0.782 / 0.779 / 0.775 (best val 0.68 / 0.67 / 0.69 at epochs 4 / 12 / 9; 6 min
+  51 s, 6 min 55 s, 8 min 46 s) against 0.817 / 0.7997 / 0.737 with 10 epochs: 0.779
+  over the three against 0.785. The seeds spread less, but the mean does not rise.
 
 Earlier: full 10-epoch runs of the session-6 config (patch norm, unaligned
 crops, one CPU device) with one change each (1310 steps of 16;
