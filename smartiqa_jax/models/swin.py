@@ -64,8 +64,8 @@ def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU in PyTorch's formula, x/2 * (1 + erf(x/sqrt(2))).
 
     Not `jax.nn.gelu`: it defaults to the tanh approximation, and its exact form goes
-    through erfc(-x/sqrt(2)), whose forward XLA:CPU runs 1.8x slower (BENCHMARKS.md,
-    session 11).
+    through erfc(-x/sqrt(2)), which XLA:CPU runs slower (forward + backward 1.10-1.18x;
+    BENCHMARKS.md, "Two ops written by hand").
     """
     return 0.5 * x * (1 + jax.lax.erf(x * SQRT_HALF))
 
@@ -169,8 +169,8 @@ def softmax(logits: jax.Array) -> jax.Array:
     """Softmax over the last axis, with its backward written out: (g - sum(g * p)) * p.
 
     The values of `jax.nn.softmax` to rounding, and its gradients; XLA:CPU runs its forward
-    and backward together 3x as fast as those of jax.nn.softmax, whose backward comes from
-    transposing a JVP (BENCHMARKS.md, session 11).
+    and backward together 1.3-2.7x as fast as those of jax.nn.softmax, whose backward comes
+    from transposing a JVP (BENCHMARKS.md, "Two ops written by hand").
     """
     e = jnp.exp(logits - logits.max(-1, keepdims=True))
     return e * (1 / e.sum(-1, keepdims=True))
