@@ -143,6 +143,27 @@ def test_auto_attention_picks_pallas_for_bf16_on_recent_nvidia_gpus(
     assert swin.resolve_attention('cudnn', dtype) == 'cudnn'
 
 
+@pytest.mark.parametrize('platform_version,attention,runs', [
+    ('cuda 12080', 'cudnn', True),
+    ('cuda 12080', 'pallas', True),
+    ('rocm 60300', 'cudnn', False),     # JAX's ROCm builds have no cuDNN
+    ('rocm 60300', 'pallas', True),     # Triton
+    ('rocm 60300', 'xla', True),
+])
+def test_cudnn_attention_is_refused_on_rocm_gpus(monkeypatch, platform_version, attention,
+                                                 runs):
+    monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+    device = types.SimpleNamespace(
+        platform='gpu', client=types.SimpleNamespace(platform_version=platform_version))
+    monkeypatch.setattr(jax, 'devices', lambda *a: [device])
+    monkeypatch.setattr(swin, 'FUSED_IMPLEMENTATION', 'cudnn')
+    if runs:
+        swin.check_attention_backend(attention)
+    else:
+        with pytest.raises(ValueError, match=r"'cudnn' runs on NVIDIA GPUs .*ROCm.*'xla'"):
+            swin.check_attention_backend(attention)
+
+
 def test_auto_attention_is_the_default_and_xla_on_this_cpu():
     assert ModelConfig('nano').attention == 'auto'
     for dtype in ('float32', 'bfloat16'):

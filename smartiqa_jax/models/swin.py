@@ -213,13 +213,28 @@ FUSED_IMPLEMENTATION = 'cudnn'
 PALLAS_INTERPRET = False
 
 
+def _is_rocm() -> bool:
+    """Whether JAX's GPUs are AMD's (ROCm): their platform version names it, e.g. 'rocm 60300'."""
+    client = getattr(jax.devices()[0], 'client', None)
+    return 'rocm' in str(getattr(client, 'platform_version', '')).lower()
+
+
 def check_attention_backend(attention: str) -> None:
-    """Raises ValueError if window attention `attention` cannot run on JAX's backend."""
-    backend = jax.default_backend()
-    if (attention in ('xla', 'auto') or backend == 'gpu'
+    """Raises ValueError if window attention `attention` cannot run on JAX's backend.
+
+    'pallas' needs a GPU (Triton); 'cudnn' an NVIDIA GPU: JAX's ROCm builds have no cuDNN.
+    """
+    if (attention in ('xla', 'auto')
             or (attention == 'pallas' and PALLAS_INTERPRET)
             or (attention == 'cudnn' and FUSED_IMPLEMENTATION != 'cudnn')):
         return
+    backend = jax.default_backend()
+    if backend == 'gpu' and not (attention == 'cudnn' and _is_rocm()):
+        return
+    if backend == 'gpu':
+        raise ValueError("attention='cudnn' runs on NVIDIA GPUs (cuDNN); JAX's GPUs here are "
+                         "AMD's (ROCm). Use attention='auto' or 'xla' (or 'pallas'): same "
+                         "parameters, same results.")
     kernel = 'Triton kernels' if attention == 'pallas' else 'cuDNN'
     raise ValueError(f"attention={attention!r} runs on GPUs ({kernel}); JAX's backend here is "
                      f"{backend!r}. Use attention='auto' or 'xla': same parameters, same results.")
