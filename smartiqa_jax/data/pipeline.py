@@ -371,7 +371,11 @@ class Loader:
     data_loader: grain.DataLoader
     batch_size: int          # per host
     num_images: int          # usable images in the whole split (all hosts)
-    batches_per_epoch: int   # per host; training: per pass of patches_per_image
+    # Per host; training: per pass of patches_per_image. Without a cache an image is
+    # found undecodable only when read, so it is counted here and its crops are then
+    # dropped: such a pass yields fewer batches (the trainer, which repeats the loader,
+    # counts an epoch in steps of this size, so its epochs then straddle passes).
+    batches_per_epoch: int
     report: Optional[quality.DataReport] = None
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
