@@ -1034,6 +1034,14 @@ def main(argv=None) -> None:
                 DataError) as e:
             raise SystemExit(str(e)) from None
 
+    if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in argv[1:]):
+        # absl's own --help lists the flags of the module that sys.argv[0] names, none
+        # under `smartiqa train`, and exits 1; --helpfull is still absl's.
+        module = flags.FLAGS.find_module_defining_flag('workdir')
+        own_flags = flags.FLAGS.module_help(module).strip().split('\n', 1)[1]  # less its name
+        print(f'{__doc__.strip()}\n\nflags:\n{own_flags}\n'
+              '  --config.KEY=VALUE: sets any key of the config (e.g. --config.train.num_epochs=3).')
+        return
     _prepare_config_file(argv)
     app.run(run, argv=argv)
 

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,13 @@ def test_cli_dispatches_and_reports_unknown_commands(capsys, monkeypatch):
     assert seen == {'predict': ['--checkpoint', 'c', 'x.jpg'], 'evaluate': ['--datasets', 'koniq']}
     assert cli.main(['convert', '--help']) == 0  # argparse's sys.exit becomes a status
     assert cli.main(['convert', 'to-pytorch']) == 2
+    capsys.readouterr()
+    # The trainer is an absl app: its --help lists its own flags under `smartiqa train` too.
+    argv0 = sys.argv[0]
+    assert cli.main(['train', '--help']) == 0
+    out = capsys.readouterr().out
+    assert all(f in out for f in ('--config:', '--workdir:', '--[no]distributed:')), out
+    assert sys.argv[0] == argv0
 
 
 def _scaled_tanh(x):

@@ -69,3 +69,35 @@ def test_koniq_build_uses_the_official_split(tmp_path):
     source = tfds_builders.open_source(mos, 'validation')
     np.testing.assert_allclose(sorted(float(source[i]['score']) for i in range(2)), [1.4, 2.6],
                                rtol=1e-6)
+
+
+def test_csv_command_line_takes_every_csv_setting_and_reports_bad_data(tmp_path, capsys):
+    manual = tmp_path / 'manual'
+    rows = []
+    for i in range(12):
+        name = f'photos/p{i:02d}.png'
+        fx.write_image(str(manual / 'pics' / name), size=(40, 40), seed=i)
+        rows.append([name, 1 + i / 3, f'scene{i // 2}'])
+    fx.write_csv(str(manual / 'mine.csv'), ['file', 'mos', 'scene'], rows)
+    common = ['csv', '--manual_dir', str(manual), '--data_dir', str(tmp_path / 'tfds'),
+              '--csv_name', 'mine.csv']
+    assert tfds_builders.main(common + ['--name', 'bad']) == 1
+    err = capsys.readouterr().err
+    assert 'mine.csv' in err and "missing column(s) ['image', 'score']" in err, err
+    assert tfds_builders.main(common + [
+        '--name', 'mine', '--images_subdir', 'pics', '--image_column', 'file',
+        '--score_column', 'mos', '--group_column', 'scene', '--seed', '3',
+        '--score_range', '1', '5']) == 0
+    data_dir = os.path.join(tmp_path / 'tfds', 'smartiqa_csv_folder', 'mine')
+    (version,) = os.listdir(data_dir)
+    scale = tfds_builders.score_scale(os.path.join(data_dir, version))
+    assert (scale.low, scale.high, scale.higher_is_better) == (1.0, 5.0, True)
+    # Grouped: the two photos of a scene are in one split.
+    split_of = {}
+    for split in ('train', 'validation', 'test'):
+        source = tfds_builders.open_source(os.path.join(data_dir, version), split)
+        for i in range(len(source)):
+            split_of[as_text(source[i]['name'])] = split
+    assert len(split_of) == 12
+    for i in range(0, 12, 2):
+        assert split_of[f'photos/p{i:02d}.png'] == split_of[f'photos/p{i + 1:02d}.png']

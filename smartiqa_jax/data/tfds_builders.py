@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from smartiqa_jax.data import readers
+from smartiqa_jax.data import quality, readers
 
 _VERSION = tfds.core.Version('1.0.0')
 
@@ -197,28 +198,49 @@ def score_scale(builder_or_dir: Any) -> readers.ScoreScale:
     return readers.ScoreScale(m['label'], m['low'], m['high'], m['higher_is_better'])
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line; returns the exit status (1, with the problem printed: bad data)."""
     parser = argparse.ArgumentParser(description='Build an IQA dataset as TFDS array_record.')
     parser.add_argument('dataset', choices=sorted(BUILDERS))
     parser.add_argument('--manual_dir', required=True, help='the unpacked dataset folder')
     parser.add_argument('--data_dir', default=os.path.expanduser('~/tensorflow_datasets'))
     parser.add_argument('--config', default=None, help="KonIQ: 'mos_zscore' (default) or 'mos'")
     parser.add_argument('--strict', action='store_true', help='fail on the first bad entry')
-    parser.add_argument('--csv_name', default='labels.csv', help='csv: the CSV file in manual_dir')
-    parser.add_argument('--image_column', default='image')
-    parser.add_argument('--score_column', default='score')
-    parser.add_argument('--split_column', default=None)
-    parser.add_argument('--name', default='default', help='csv: a name for this dataset')
+    csv = parser.add_argument_group('csv', 'your own CSV + image folder (CsvFolderConfig)')
+    csv.add_argument('--csv_name', default='labels.csv', help='the CSV file in manual_dir')
+    csv.add_argument('--images_subdir', default='',
+                     help='image paths are relative to manual_dir/IMAGES_SUBDIR')
+    csv.add_argument('--image_column', default='image')
+    csv.add_argument('--score_column', default='score')
+    csv.add_argument('--split_column', default=None,
+                     help='train/validation/test per row; else a seeded split')
+    csv.add_argument('--group_column', default=None,
+                     help='seeded split: rows with one value stay in one split')
+    csv.add_argument('--seed', type=int, default=0, help='seeded split')
+    csv.add_argument('--score_range', type=float, nargs=2, metavar=('LOW', 'HIGH'),
+                     default=None, help="the scale's ends (default: the scores' min and max)")
+    csv.add_argument('--lower_is_better', action='store_true',
+                     help='scores are distortion levels (DMOS), not quality')
+    csv.add_argument('--name', default='default', help='a name for this dataset')
     args = parser.parse_args(argv)
     config = args.config
     if args.dataset == 'csv':
-        config = CsvFolderConfig(name=args.name, csv_name=args.csv_name,
-                                 image_column=args.image_column, score_column=args.score_column,
-                                 split_column=args.split_column)
-    builder = build(args.dataset, args.manual_dir, args.data_dir, config=config, strict=args.strict)
+        config = CsvFolderConfig(
+            name=args.name, csv_name=args.csv_name, images_subdir=args.images_subdir,
+            image_column=args.image_column, score_column=args.score_column,
+            split_column=args.split_column, group_column=args.group_column, seed=args.seed,
+            score_range=tuple(args.score_range) if args.score_range else None,
+            higher_is_better=not args.lower_is_better)
+    try:
+        builder = build(args.dataset, args.manual_dir, args.data_dir, config=config,
+                        strict=args.strict)
+    except (quality.DataError, FileNotFoundError) as e:
+        print(f'tfds_builders: {e}', file=sys.stderr)
+        return 1
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
     print(f'built {builder.name} at {builder.data_dir}: {splits}')
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
