@@ -36,6 +36,10 @@ from smartiqa_jax.metrics import quality_metrics
 from smartiqa_jax.train_checkpoint import TrainCheckpoints
 
 
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; nothing from then on was saved."""
+
+
 class DatasetNotFoundError(RuntimeError):
     """The config's dataset is not on disk; the message says how to get it."""
 
@@ -108,7 +112,11 @@ def load_splits(dataset: str, root: str, *, seed: int = 0,
     else:
         try:
             return data.load_splits(dataset, root, **options)
-        except (data.DataError, FileNotFoundError) as e:
+        except FileNotFoundError as e:
+            problem = str(e)
+        except data.DataError as e:
+            if 'not found' not in str(e):   # there, but unusable: say what is wrong with it
+                raise data.DataError(f'dataset {dataset!r} in {root} ({setting}): {e}') from None
             problem = str(e)
     raise DatasetNotFoundError(
         f'Dataset {dataset!r} not found: looked in {root or "(no path)"} '
@@ -612,6 +620,8 @@ class Progress:
     # Losses of the epoch in progress: saved mid-epoch, so a resumed epoch's
     # mean loss is the same as an uninterrupted one's.
     epoch_losses: list = dataclasses.field(default_factory=list)
+    # What the run trains on (`train_split_fingerprint`): a resumed run must find the same.
+    train_data: dict = dataclasses.field(default_factory=dict)
 
     def record_epoch(self, epoch: int, step: int, values: dict, patience: int) -> bool:
         """Adds an epoch's results; returns True if it is now the best epoch."""
@@ -647,6 +657,9 @@ def _nan_to_none(values: dict) -> dict:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for a value that would fail later, after the data is read."""
     from smartiqa_jax.data.pipeline import CROP_MODES
+    from smartiqa_jax.data.readers import READERS
+    from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES
+    from smartiqa_jax.models.swin import SWIN_INPUT_SIZE
     t = config.train
     problems = []
     if t.loss not in losses.LOSSES:
@@ -664,8 +677,45 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ('patches_per_image', 'eval_crops'):
         if config.data[key] < 1:
             problems.append(f'data.{key} must be at least 1, got {config.data[key]}')
+    d = config.data
+    datasets = (*READERS, 'demo')
+    if d.dataset not in datasets:
+        problems.append(f'data.dataset {d.dataset!r} is not one of {", ".join(datasets)}')
+    try:
+        for name, _ in _parse_cross_datasets(d.cross_datasets):
+            if name not in READERS:
+                problems.append(f'data.cross_datasets: {name!r} is not one of '
+                                f'{", ".join(READERS)}')
+    except ConfigError as e:
+        problems.append(str(e).removeprefix('config.'))
+    if d.crop_size != SWIN_INPUT_SIZE:
+        problems.append(f'data.crop_size must be {SWIN_INPUT_SIZE} (the Swin backbone\'s input '
+                        f'size), got {d.crop_size}')
+    resize = tuple(d.resize or ())
+    if resize and (len(resize) != 2 or min(resize) < d.crop_size):
+        problems.append(f'data.resize must be () (keep the stored size) or (height, width), '
+                        f'each at least data.crop_size {d.crop_size}; got {d.resize}')
+    if d.eval_crop_mode == 'center' and d.eval_crops != 1:
+        problems.append(f"data.eval_crop_mode 'center' takes one crop per image; data.eval_crops "
+                        f"is {d.eval_crops} (use 'random' or 'grid' for more)")
+    for key in ('num_workers', 'split_seed'):
+        if d[key] < 0:
+            problems.append(f'data.{key} must be at least 0, got {d[key]}')
+    if t.compute_dtype not in COMPUTE_DTYPES:
+        problems.append(f'train.compute_dtype {t.compute_dtype!r} is not one of '
+                        f'{", ".join(COMPUTE_DTYPES)}')
     if problems:
         raise ConfigError('config: ' + '; '.join(problems))
+
+
+def train_split_fingerprint(records) -> dict:
+    """{'images', 'sha1'} of the training records' names and labels, in order: what a
+    resumed run compares (data.root may move; the images and labels may not change)."""
+    import hashlib
+    digest = hashlib.sha1()
+    for r in records:
+        digest.update(f'{r.name}\t{r.score!r}\n'.encode('utf-8', 'surrogateescape'))
+    return {'images': len(records), 'sha1': digest.hexdigest()}
 
 
 def _check_splits(splits, config) -> None:
@@ -804,8 +854,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _, shards_here = shard_layout(config.data, config.train.batch_size)
     checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
     config_json = json.loads(config.to_json())
+    train_data = train_split_fingerprint(splits['train'])
     if checkpoints.latest_step() is not None:
         check_resumable(config_json, checkpoints, checkpoints.latest_step(), shards_here)
+        saved = checkpoints.stored_progress(checkpoints.latest_step()).get('train_data')
+        if saved and saved != train_data:
+            count = (f'{saved["images"]} images, now other names or labels'
+                     if saved['images'] == train_data['images'] else
+                     f'{saved["images"]} images then, {train_data["images"]} now')
+            raise ConfigError(
+                f'{checkpoints.directory} holds a run trained on another training split '
+                f'than {config.data.root} gives now ({count}): resume with the data it was '
+                'trained on, or use another --workdir')
     elif os.path.isdir(os.path.join(workdir, 'model')):
         # A fresh run here would leave the earlier run's model/ where load(workdir) and
         # predict look first.
@@ -837,7 +897,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step = train_state.make_train_step(train_graphdef, tx, loss_fn, mesh, state_sharding)
     eval_step = train_state.make_eval_step(eval_graphdef, mesh)
 
-    progress = Progress()
+    progress = Progress(train_data=train_data)
     step = 0
     if checkpoints.latest_step() is not None:
         restored = checkpoints.restore(
@@ -845,6 +905,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             train_state=_train_items(state), data_iterators=feed.iterators)
         state = _with_restored(state, restored)
         progress = Progress.from_json(restored['progress'])
+        progress.train_data = train_data   # the same, or a checkpoint from before it was kept
         if progress.best_step >= 0:
             # Written again: a run killed between an improving epoch's save and its
             # mark_best left checkpoints/best_step behind (or without one).
@@ -893,6 +954,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.train.log_every_steps == 0 or end_of_epoch or checkpoint_now:
                 window = jax.device_get(window_metrics)
                 elapsed = time.perf_counter() - window_start
+                # Before anything from this window is saved: a checkpoint never holds
+                # parameters that a NaN or infinite loss has already reached.
+                _check_finite(window, step, checkpoints)
                 values = {
                     'loss': float(np.mean([m['loss'] for m in window])),
                     'grad_norm': float(np.mean([m['grad_norm'] for m in window])),
@@ -972,6 +1036,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
+def _check_finite(window: Sequence[dict], step: int, checkpoints: TrainCheckpoints) -> None:
+    """Raises TrainingDivergedError if a loss of the steps that end at `step` is not finite."""
+    values = [float(m['loss']) for m in window]
+    bad = [i for i, loss in enumerate(values) if not np.isfinite(loss)]
+    if not bad:
+        return
+    checkpoints.wait()
+    latest = checkpoints.latest_step()
+    kept = (f'the latest checkpoint, step {latest}, is in {checkpoints.directory}'
+            if latest is not None else 'no checkpoint was saved')
+    raise TrainingDivergedError(
+        f'training diverged: the loss is {values[bad[0]]} at step '
+        f'{step - len(window) + bad[0] + 1}. Nothing from then on was saved; {kept}. '
+        'Lower the learning rates (config.optim.backbone.lr, config.optim.head.lr), keep '
+        'config.optim.grad_clip_norm on, or add warmup (config.optim.warmup_epochs), and '
+        'start again in a new --workdir.')
+
+
 def _train_items(state: train_state.TrainState) -> dict:
     """The non-parameter part of the state, as checkpointed."""
     return {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}
@@ -1031,7 +1113,7 @@ def main(argv=None) -> None:
         try:
             train_and_evaluate(f.config, workdir)
         except (DatasetNotFoundError, WeightsError, CheckpointError, ConfigError,
-                DataError) as e:
+                DataError, TrainingDivergedError) as e:
             raise SystemExit(str(e)) from None
 
     if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in argv[1:]):
@@ -1042,19 +1124,50 @@ def main(argv=None) -> None:
         print(f'{__doc__.strip()}\n\nflags:\n{own_flags}\n'
               '  --config.KEY=VALUE: sets any key of the config (e.g. --config.train.num_epochs=3).')
         return
-    _prepare_config_file(argv)
-    app.run(run, argv=argv)
+    config_path = _prepare_config_file(argv)
+    try:
+        app.run(run, argv=argv)
+    except (AttributeError, KeyError) as e:
+        # ml_collections raises these for an override naming a key the config lacks,
+        # while absl parses the flags, before `run`.
+        problem = _unknown_override(argv, config_path) if config_path else None
+        if problem is None:
+            raise
+        raise SystemExit(problem) from e
 
 
 _FLAG_NAMES = ('config', 'workdir', 'distributed', 'coordinator_address', 'num_processes',
                'process_id')
 
 
-def _prepare_config_file(argv) -> None:
+def _unknown_override(argv, config_path: str) -> str | None:
+    """The message for the first --config.KEY override whose key the config lacks."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('_smartiqa_config', config_path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for arg in argv[1:]:
+        if not arg.startswith(('--config.', '--noconfig.')):
+            continue
+        key = arg.split('=', 1)[0].split('config.', 1)[1]
+        node, path = config, 'config'
+        for part in key.split('.'):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                keys = (', '.join(sorted(node.keys()))
+                        if isinstance(node, ml_collections.ConfigDict) else '')
+                return f'{arg}: {path} has no key {part!r}' + (f'; its keys: {keys}' * bool(keys))
+            node, path = node[part], f'{path}.{part}'
+    return None
+
+
+def _prepare_config_file(argv) -> str | None:
     """Stops with a one-line message if the --config file does not exist, and puts the
     folder above its folder on sys.path, so that a config that builds on another (`from
     configs import base`) loads from any working directory and through the `smartiqa`
-    command, not only with `python -m` from the repository root."""
+    command, not only with `python -m` from the repository root. Returns the file's path
+    (None without --config)."""
+    found = None
     for i, arg in enumerate(argv):
         if arg.startswith('--config='):
             path = arg[len('--config='):]
@@ -1068,6 +1181,8 @@ def _prepare_config_file(argv) -> None:
         folder = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         if folder not in sys.path:
             sys.path.insert(0, folder)
+        found = path
+    return found
 
 
 if __name__ == '__main__':

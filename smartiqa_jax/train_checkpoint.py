@@ -97,9 +97,35 @@ class TrainCheckpoints:
         )
         for k, iterator in enumerate(data_iterators):
             items[f'data_{k}'] = checkpoint_args(iterator, restore=True)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore(step, items)
         return {'params': restored['params'], 'train_state': restored['train_state'],
                 'progress': restored['progress']}
+
+    def _restore(self, step: int, items: dict) -> Any:
+        """manager.restore, with a CheckpointError naming the step and what else is kept."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:   # orbax's, tensorstore's, grain's: all say "unreadable" here
+            from smartiqa_jax.checkpoint import CheckpointError
+            others = [s for s in self.all_steps() if s != step]
+            what = (f'Steps {", ".join(map(str, others))} are also kept: move '
+                    f'{self.directory}/{step} away to go on from step {max(others)}'
+                    if others else 'No other step is kept: start again in a new --workdir')
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first_line = first_line if len(first_line) < 240 else first_line[:240] + '...'
+            raise CheckpointError(
+                f'{self.directory}/{step} cannot be restored (corrupt or truncated files?): '
+                f'{first_line}. {what}.') from e
+
+    def stored_progress(self, step: int) -> dict:
+        """The progress item (JSON) saved with step `step`; {} if it has none."""
+        step_dir = os.path.join(self.directory, str(step))
+        if not os.path.isdir(os.path.join(step_dir, 'progress')):
+            return {}
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(step_dir, ocp.args.Composite(
+                progress=ocp.args.JsonRestore()))
+        return restored['progress'] or {}
 
     def stored_config(self, step: int) -> dict:
         """The run config (JSON) saved with step `step`; {} if it has none."""
@@ -124,9 +150,7 @@ class TrainCheckpoints:
 
     def restore_params(self, step: int, params) -> Any:
         """Only the model parameters of step `step` (e.g. the best one, for testing)."""
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(params)))
-        return restored['params']
+        return self._restore(step, dict(params=ocp.args.StandardRestore(params)))['params']
 
     def mark_best(self, step: int, *, write: bool = True) -> None:
         """Keeps step `step` from now on, and (if `write`) records it in

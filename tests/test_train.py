@@ -274,7 +274,11 @@ def test_base_config_without_data_says_where_it_looked_and_what_to_do(tmp_path):
 def test_unknown_config_override_is_an_error(tmp_path):
     run = _cli('--config', 'configs/base.py', '--workdir', str(tmp_path),
                '--config.train.learning_rate=1e-3')
-    assert run.returncode != 0 and 'learning_rate' in run.stderr
+    assert run.returncode != 0 and 'Traceback' not in run.stderr
+    assert ("--config.train.learning_rate=1e-3: config.train has no key 'learning_rate'; its "
+            'keys: batch_size,') in run.stderr
+    run = _cli('--config', 'configs/base.py', '--workdir', str(tmp_path), '--config.trian.loss=l2')
+    assert "config has no key 'trian'; its keys: data, model, optim, seed, train" in run.stderr
 
 
 def test_checkpoints_keep_the_latest_and_the_marked_best(tmp_path):

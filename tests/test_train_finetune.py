@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from configs import base, smoke
 from smartiqa_jax import checkpoint, sharding, train, weights
-from smartiqa_jax.data import ScoreScale
+from smartiqa_jax.data import DataError, ScoreScale
 from smartiqa_jax.models.smartiqa import SmartIQA
 from tests.test_train import _cli
 
@@ -95,7 +95,8 @@ def test_split_seed_reaches_a_seeded_split_and_groups_stay_together(own_csv):
 def test_bad_csv_settings_are_named(own_csv, tmp_path):
     config = _csv_config(own_csv)
     config.data.csv.score_column = 'quality'
-    with pytest.raises(train.DatasetNotFoundError, match=r"missing column\(s\) \['quality'\]"):
+    # There but unusable: a DataError saying what is wrong, not "not found".
+    with pytest.raises(DataError, match=r"missing column\(s\) \['quality'\]"):
         train.load_splits('csv', config.data.root, csv=config.data.csv)
     config = _csv_config(own_csv)
     config.data.csv.score_range = (1.0, 3.0, 5.0)

@@ -2,6 +2,7 @@
 settings, a lost best-step record, and a model that scores NaN."""
 
 import csv
+import dataclasses
 import glob
 import os
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from configs import smoke
 from smartiqa_jax import checkpoint, sharding, train
+from smartiqa_jax.data import DataError
 from smartiqa_jax.metrics import quality_metrics
 from tests.test_train import REPO, _cli
 
@@ -22,6 +24,8 @@ def _config(demo_root, **changes):
     config.data.root = demo_root
     for key, value in changes.items():
         section, name = key.split('__')
+        if name == 'resize':   # a tuple of another length than the default's
+            config[section][name] = None
         config[section][name] = value
     return config
 
@@ -43,9 +47,21 @@ def no_data(monkeypatch):
     ({'data__eval_crop_mode': 'middle'}, "data.eval_crop_mode 'middle' is not one of"),
     ({'model__variant': 'huge'}, "config.model: unknown model variant 'huge'"),
     ({'model__attention': 'pallas'}, "config.model.attention: attention='pallas' runs on GPUs"),
+    ({'data__dataset': 'nope'}, "data.dataset 'nope' is not one of koniq10k, .*demo"),
+    ({'data__cross_datasets': 'nope=/x'}, "data.cross_datasets: 'nope' is not one of"),
+    ({'data__cross_datasets': 'spaq'}, "data.cross_datasets entry 'spaq' is not name=root"),
+    ({'data__crop_size': 0}, "data.crop_size must be 224 .*got 0"),
+    ({'data__resize': (256,)}, r'data.resize must be \(\) .* or \(height, width\)'),
+    ({'data__resize': (10, 10)}, r'each at least data.crop_size 224; got \(10, 10\)'),
+    ({'data__eval_crop_mode': 'center', 'data__eval_crops': 3},
+     "data.eval_crop_mode 'center' takes one crop per image; data.eval_crops is 3"),
+    ({'data__num_workers': -1}, 'data.num_workers must be at least 0, got -1'),
+    ({'data__split_seed': -1}, 'data.split_seed must be at least 0, got -1'),
+    ({'train__compute_dtype': 'float16'}, "train.compute_dtype 'float16' is not one of float32"),
     ({'train__batch_size': 3}, None),   # a valid odd batch on one device: no error
 ], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'attention',
-         'ok'])
+         'dataset', 'cross_name', 'cross_form', 'crop_size', 'resize_one', 'resize_small',
+         'center_crops', 'workers', 'split_seed', 'dtype', 'ok'])
 def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path, demo_root,
                                                       no_data):
     config = _config(demo_root, **change)
@@ -85,7 +101,8 @@ def test_too_few_training_images_for_one_batch(tmp_path, demo_root, no_data):
         train.train_and_evaluate(config, str(tmp_path))
 
 
-def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo_root):
+def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo_root,
+                                                                 monkeypatch):
     workdir = str(tmp_path / 'run')
     config = _config(demo_root)
     summary = train.train_and_evaluate(config, workdir)
@@ -119,6 +136,40 @@ def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo
     with pytest.raises(train.ConfigError, match='written by 1 process.* reading 1 data shard'):
         train.check_resumable(checkpoints.stored_config(step), checkpoints, step, iterators=2)
     checkpoints.close()
+
+    # Nor the training split (data.root may move): fewer images, or one label changed
+    # (smoke.py keeps 24 of the demo's training images, the first among them).
+    load_splits = train.load_splits
+
+    def changed_split(change):
+        def load(*args, **kwargs):
+            splits = load_splits(*args, **kwargs)
+            splits.splits['train'] = change(splits.splits['train'])
+            return splits
+        return load
+
+    relabel = dataclasses.replace
+    for change, message in ((lambda records: records[:20], r'\(24 images then, 20 now\)'),
+                            (lambda records: [relabel(records[0], score=records[0].score + 1),
+                                              *records[1:]], 'now other names or labels')):
+        monkeypatch.setattr(train, 'load_splits', changed_split(change))
+        with pytest.raises(train.ConfigError, match='trained on another training split .*'
+                                                    + message):
+            train.train_and_evaluate(_config(demo_root), workdir)
+    monkeypatch.setattr(train, 'load_splits', load_splits)
+
+    # A latest checkpoint with truncated files: named, with the steps to go on from.
+    all_steps = sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+                       if name.isdigit())
+    for path in glob.glob(os.path.join(workdir, 'checkpoints', str(all_steps[-1]),
+                                       'train_state', '**', 'd', '*'), recursive=True):
+        with open(path, 'r+b') as f:
+            f.truncate(10)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf'checkpoints/{all_steps[-1]} cannot be restored .*Steps '
+                             rf'{", ".join(map(str, all_steps[:-1]))} are also kept: move .* '
+                             rf'from step {all_steps[-2]}'):
+        train.train_and_evaluate(_config(demo_root), workdir)
 
 
 def test_a_nan_score_is_not_dropped_from_the_metrics(demo_root):
@@ -188,3 +239,33 @@ def test_a_fresh_run_refuses_a_workdir_with_an_earlier_runs_model(tmp_path, demo
     with pytest.raises(train.ConfigError, match=r'holds the model of an earlier run .* '
                                                 'no checkpoints to resume'):
         train.train_and_evaluate(_config(demo_root), str(tmp_path / 'run'))
+
+
+def test_a_diverged_run_stops_and_saves_no_nan_checkpoint(tmp_path, demo_root):
+    """Learning rates of 1e30: the loss of the second step is no longer finite. The run
+    stops there, naming the step, before the checkpoint due at that step is written."""
+    config = _config(demo_root, optim__warmup_epochs=0.0)
+    config.optim.backbone.lr = config.optim.head.lr = 1e30
+    config.optim.backbone.min_lr = config.optim.head.min_lr = 1e30
+    workdir = str(tmp_path / 'run')
+    with pytest.raises(train.TrainingDivergedError,
+                       match=r'training diverged: the loss is (nan|inf) at step 2\. Nothing '
+                             r'from then on was saved; no checkpoint was saved\. Lower'):
+        train.train_and_evaluate(config, workdir)
+    assert not [name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if name.isdigit()]
+
+
+def test_a_csv_that_is_there_but_unusable_is_not_called_missing(tmp_path, demo_root, no_data):
+    path, folder = _csv_without(tmp_path, demo_root, 'none')
+    with open(path) as f:
+        text = f.read().replace('image,score,split', 'image,mos,split', 1)
+    with open(path, 'w') as f:
+        f.write(text)
+    config = _config(demo_root, data__dataset='csv', data__root=path)
+    config.data.csv.split_column = 'split'
+    config.data.csv.images_dir = folder
+    with pytest.raises(DataError, match=rf"dataset 'csv' in {path} \(config.data.root\): "
+                                              rf".*missing column\(s\) \['score'\]") as e:
+        train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert 'not found' not in str(e.value) and 'demo' not in str(e.value)

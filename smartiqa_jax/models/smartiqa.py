@@ -24,6 +24,7 @@ FUSIONS: tuple[str, ...] = ('attention', 'multiscale', 'backbone')
 
 # Widths of the released model (HyperIQA's target network sizes).
 TARGET_IN = 224                  # length of the target network's input vector
+COMPUTE_DTYPES = ('float32', 'bfloat16')
 LDA_CHANNELS = (16, 32, 64)      # 1x1 conv widths of the local-distortion branches, stages 0-2
 LDA_OUT = 16                     # each of those branches' Linear output
 HYPER_WIDTHS = (512, 256, 112)   # the 1x1 conv stack before the hyper feature
@@ -77,6 +78,9 @@ class ModelConfig:
         if self.attention not in swin.ATTENTION_CHOICES:
             raise ValueError(f'unknown attention {self.attention!r}; choose one of '
                              f'{", ".join(swin.ATTENTION_CHOICES)}')
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f'unknown dtype {self.dtype!r}; choose one of '
+                             f'{", ".join(COMPUTE_DTYPES)}')
         if self.attention == 'cudnn' and self.dtype != 'bfloat16':
             raise ValueError("attention='cudnn' needs dtype='bfloat16' (cuDNN's fused "
                              "attention takes bf16 or fp16 only)")

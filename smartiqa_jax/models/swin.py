@@ -22,6 +22,7 @@ from smartiqa_jax.models.variants import Variant
 from smartiqa_jax.sharding import DATA_AXIS
 
 WINDOW = 7
+SWIN_INPUT_SIZE = 224     # the input side SMART-IQA's backbones are built for (crops)
 PATCH = 4
 LN_EPS = 1e-5
 SQRT_HALF = 0.5 ** 0.5
@@ -465,7 +466,8 @@ class SwinTransformer(nnx.Module):
         narrow Swin trained from scratch needs to tell noise levels apart (the demo).
     """
 
-    def __init__(self, variant: Variant, *, drop_path_rate: float = 0.0, img_size: int = 224,
+    def __init__(self, variant: Variant, *, drop_path_rate: float = 0.0,
+                 img_size: int = SWIN_INPUT_SIZE,
                  rngs: nnx.Rngs, dtype=None, attention: str = 'xla', patch_norm: bool = True):
         dims = variant.stage_dims
         resolutions = [img_size // PATCH // 2**i for i in range(4)]
