@@ -116,6 +116,36 @@ def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, caps
     assert "--attention: attention='pallas' runs on GPUs" in err   # once, before any file
 
 
+def test_one_bad_file_never_stops_the_run(ckpt, folder, tmp_path, monkeypatch):
+    """A strip the resize would blow up (224 x 112000 pixels from 1 x 500, over PIL's limit,
+    lowered here so that without the check the resize stays small), and any other exception
+    while preparing a file, are that file's error; the files after them are still scored."""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 150_000)
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    Image.fromarray(np.full((1, 500, 3), 128, np.uint8)).save(inputs / 'a_line.png')
+    (inputs / 'b_oom.jpg').write_bytes((folder / 'gray.png').read_bytes())
+    (inputs / 'c_photo.jpg').write_bytes((folder / 'photo.jpg').read_bytes())
+    load_image = predict.load_image
+
+    def out_of_memory(data, prep, name='<bytes>'):
+        if name.endswith('b_oom.jpg'):
+            raise MemoryError
+        return load_image(data, prep, name)
+
+    monkeypatch.setattr(predict, 'load_image', out_of_memory)
+    for resize in ('none', 'short:224'):
+        out = tmp_path / f'{resize[:5]}.csv'
+        assert predict.main(['--checkpoint', ckpt, str(inputs), '--resize', resize,
+                             '--output', str(out), *FAST]) == 1
+        rows = {os.path.basename(r['path']): r for r in _read_csv(out)}
+        assert rows['a_line.png']['error'] == (
+            'resized image over the pixel limit (1x500 to 224x112000, height x width: '
+            '25088000 pixels > 150000)'), resize
+        assert rows['b_oom.jpg']['error'] == 'cannot prepare image (MemoryError)'
+        assert rows['c_photo.jpg']['error'] == '' and rows['c_photo.jpg']['score']
+
+
 def test_a_released_pytorch_file_scores_as_its_converted_checkpoint(ckpt, folder, tmp_path,
                                                                      capsys):
     from safetensors.numpy import save_file
