@@ -25,7 +25,7 @@ twice the target are decoded at a reduced DCT scale (PIL `draft`), so a large ph
 never held at full size; other formats are box-reduced right after decoding, before
 any array copy. Images over --max-pixels (PIL's decompression-bomb limit, 89 megapixels,
 by default) are refused with an error row, as are images the resize would make larger than
-that or PIL's limit (a thin strip scaled up to the crop size).
+that or PIL's limit (a thin strip scaled up to the crop size). So is a non-finite score.
 
 Reproducible: random crops are drawn from (--seed, a hash of the file's bytes), so an
 image's crops, and its score, depend neither on its batch nor on the other inputs. Every
@@ -460,7 +460,12 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
     def run_batch() -> list[Result]:
         out = scorer(np.stack(crops))
         for i, result in enumerate(slots):
-            result.score = float(out['score'][i])
+            score = float(out['score'][i])
+            if not np.isfinite(score):
+                result.error = (f'the model gave a non-finite score ({score}): the checkpoint '
+                                'is diverged or broken')
+                continue
+            result.score = score
             if out['stage_weights'] is not None:
                 result.stage_weights = out['stage_weights'][i]
         done = list(pending)

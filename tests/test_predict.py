@@ -146,6 +146,26 @@ def test_one_bad_file_never_stops_the_run(ckpt, folder, tmp_path, monkeypatch):
         assert rows['c_photo.jpg']['error'] == '' and rows['c_photo.jpg']['score']
 
 
+def test_a_non_finite_score_is_that_files_error(ckpt, folder, tmp_path, monkeypatch, capsys):
+    original = predict.Scorer.__call__
+
+    def diverged_on_the_first(self, crops):
+        out = original(self, crops)
+        out['score'][0] = np.nan
+        return out
+
+    monkeypatch.setattr(predict.Scorer, '__call__', diverged_on_the_first)
+    out = tmp_path / 'scores.csv'
+    good = [str(folder / n) for n in ('photo.jpg', 'gray.png')]
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(out), *FAST]) == 1
+    first, second = _read_csv(out)
+    assert first['score'] == '' and first['weight_stage1'] == ''
+    assert first['error'] == ('the model gave a non-finite score (nan): the checkpoint is '
+                              'diverged or broken')
+    assert second['error'] == '' and np.isfinite(float(second['score']))
+    assert 'scored 1 image, failed 1' in capsys.readouterr().err
+
+
 def test_a_released_pytorch_file_scores_as_its_converted_checkpoint(ckpt, folder, tmp_path,
                                                                      capsys):
     from safetensors.numpy import save_file
