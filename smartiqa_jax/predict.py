@@ -504,7 +504,11 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
 
 class RowWriter:
     """Writes result rows as they come: CSV or JSON Lines appended and flushed per batch,
-    or a JSON array rewritten atomically per batch. Opening truncates the file."""
+    or a JSON array rewritten atomically per batch. Opening truncates the file.
+
+    File names that are not valid in the file system's encoding (os.fsdecode's surrogate
+    escapes) go into CSV as their original bytes (a `stream` is reconfigured to allow
+    that) and into JSON as \\u escapes, which json.loads and os.fsencode turn back."""
 
     def __init__(self, path: Optional[str], stream: Optional[TextIO] = None):
         self.path = path
@@ -514,7 +518,13 @@ class RowWriter:
         if self.format == 'json':
             self._rewrite()
         else:
-            self._file = open(path, 'w', newline='') if path else (stream or sys.stdout)
+            if path:
+                self._file = open(path, 'w', newline='', errors='surrogateescape')
+            else:
+                self._file = stream or sys.stdout
+                if (getattr(self._file, 'errors', None) == 'strict'
+                        and hasattr(self._file, 'reconfigure')):
+                    self._file.reconfigure(errors='surrogateescape')
             if self.format == 'csv':
                 self._csv = csv.DictWriter(self._file, COLUMNS)
                 self._csv.writeheader()
@@ -538,7 +548,7 @@ class RowWriter:
     def _rewrite(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix='.scores-', suffix='.json', dir=directory)
-        with os.fdopen(fd, 'w') as f:
+        with os.fdopen(fd, 'w', errors='surrogateescape') as f:
             json.dump(self._rows, f, indent=1)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, self.path)

@@ -166,6 +166,33 @@ def test_a_non_finite_score_is_that_files_error(ckpt, folder, tmp_path, monkeypa
     assert 'scored 1 image, failed 1' in capsys.readouterr().err
 
 
+def test_file_names_that_are_not_utf8_are_written_back_as_they_are(ckpt, folder, tmp_path):
+    raw = os.path.join(os.fsencode(tmp_path), b'b\xff.jpg')
+    try:
+        with open(raw, 'wb') as f:
+            f.write((folder / 'photo.jpg').read_bytes())
+    except OSError:
+        pytest.skip('this file system takes only valid UTF-8 names')
+    name = os.fsdecode(raw)
+    for suffix in ('csv', 'jsonl', 'json'):
+        out = tmp_path / f'scores.{suffix}'
+        assert predict.main(['--checkpoint', ckpt, name, '--output', str(out), *FAST]) == 0
+        if suffix == 'csv':
+            assert raw in out.read_bytes()
+            with open(out, newline='', errors='surrogateescape') as f:
+                (row,) = list(csv.DictReader(f))
+        else:
+            rows = json.loads(out.read_text()) if suffix == 'json' else [
+                json.loads(line) for line in out.read_text().splitlines()]
+            (row,) = rows
+        assert row['path'] == name and row['error'] == '', suffix
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding='utf-8', newline='')
+    writer = predict.RowWriter(None, stdout)
+    writer.write([predict.Result(name, error='x')])
+    stdout.flush()
+    assert raw + b',,,,,,x' in stdout.buffer.getvalue()
+
+
 def test_a_released_pytorch_file_scores_as_its_converted_checkpoint(ckpt, folder, tmp_path,
                                                                      capsys):
     from safetensors.numpy import save_file
