@@ -536,6 +536,9 @@ class RowWriter:
         for another suffix or a folder that does not exist. Touches nothing."""
         if not path:
             return 'csv'
+        if os.path.isdir(path):
+            raise UsageError(f'--output {path}: is a folder; give a file name ending in .csv, '
+                             '.json or .jsonl')
         suffix = os.path.splitext(path)[1].lower()
         fmt = {'.json': 'json', '.jsonl': 'jsonl', '.csv': 'csv'}.get(suffix)
         if fmt is None:
@@ -623,6 +626,10 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     """
     from smartiqa_jax import checkpoint, sharding
 
+    if args.workers < 0:
+        raise UsageError(f'--workers must be 0 (min(4, CPUs)) or more, got {args.workers}')
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UsageError(f'--max-pixels must be at least 1, got {args.max_pixels}')
     try:   # before anything starts JAX
         sharding.set_cpu_devices(getattr(args, 'cpu_devices', 0))
     except ValueError as e:

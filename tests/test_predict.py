@@ -116,6 +116,26 @@ def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, caps
     assert "--attention: attention='pallas' runs on GPUs" in err   # once, before any file
 
 
+def test_flag_values_that_cannot_work_are_usage_errors(ckpt, folder, tmp_path, capsys,
+                                                         monkeypatch):
+    def never(path, prep):
+        raise AssertionError(f'{path} read before the flags were checked')
+
+    monkeypatch.setattr(predict, 'prepare_file', never)
+    good = [str(folder / 'photo.jpg')]
+    folder_csv = tmp_path / 'd.csv'
+    folder_csv.mkdir()
+    assert predict.main(['--checkpoint', ckpt, *good, '--workers', '-1', *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--max-pixels', '-5', *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(folder_csv), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        'error: --workers must be 0 (min(4, CPUs)) or more, got -1',
+        'error: --max-pixels must be at least 1, got -5',
+        f'error: --output {folder_csv}: is a folder; give a file name ending in .csv, .json '
+        'or .jsonl']
+
+
 def test_one_bad_file_never_stops_the_run(ckpt, folder, tmp_path, monkeypatch):
     """A strip the resize would blow up (224 x 112000 pixels from 1 x 500, over PIL's limit,
     lowered here so that without the check the resize stays small), and any other exception
