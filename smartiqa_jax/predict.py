@@ -24,7 +24,8 @@ training workdir or step), else the KonIQ protocol, 512 high x 384 wide; so does
 twice the target are decoded at a reduced DCT scale (PIL `draft`), so a large photo is
 never held at full size; other formats are box-reduced right after decoding, before
 any array copy. Images over --max-pixels (PIL's decompression-bomb limit, 89 megapixels,
-by default) are refused with an error row.
+by default) are refused with an error row, as are images the resize would make larger than
+that or PIL's limit (a thin strip scaled up to the crop size). So is a non-finite score.
 
 Reproducible: random crops are drawn from (--seed, a hash of the file's bytes), so an
 image's crops, and its score, depend neither on its batch nor on the other inputs. Every
@@ -170,10 +171,6 @@ def checkpoint_resize(checkpoint_dir: str | os.PathLike) -> tuple[bool, preproce
     return True, (int(value[0]), int(value[1]))
 
 
-def _target_shape(height: int, width: int, prep: Preprocessing) -> tuple[int, int]:
-    return preprocess.resized_shape(height, width, prep.resize, prep.crop_size)
-
-
 def _swaps_axes(img: Image.Image) -> bool:
     # EXIF orientations 5-8 are transposes: the stored image is the shown one turned 90.
     try:
@@ -193,7 +190,9 @@ def load_image(data: bytes, prep: Preprocessing, name: str = '<bytes>') -> np.nd
     averages over the pixels it replaces.
 
     Raises ImageDecodeError (message starts with `name`) when the bytes are empty, not an
-    image, truncated, in a mode PIL cannot convert, or over Image.MAX_IMAGE_PIXELS.
+    image, truncated, in a mode PIL cannot convert, over `prep.max_pixels` (None:
+    Image.MAX_IMAGE_PIXELS), or when the resize would make more pixels than the larger of
+    the two limits (a thin strip scaled up to the crop size).
     """
     if not data:
         raise preprocess.ImageDecodeError(f'{name}: empty file (0 bytes)')
@@ -215,10 +214,13 @@ def load_image(data: bytes, prep: Preprocessing, name: str = '<bytes>') -> np.nd
             raise preprocess.ImageDecodeError(
                 f'{name}: {img.width}x{img.height} = {pixels_count} pixels, over the limit of '
                 f'{limit} (PIL decompression-bomb guard); raise --max-pixels if you trust it')
+        swapped = _swaps_axes(img)
+        shown_h, shown_w = (img.width, img.height) if swapped else (img.height, img.width)
+        # A --max-pixels below PIL's limit bounds the files read, not what the resize makes.
+        target_h, target_w = preprocess.resized_shape(
+            shown_h, shown_w, prep.resize, prep.crop_size, name=name,
+            max_pixels=max(limit or 0, Image.MAX_IMAGE_PIXELS or 0))
         try:
-            swapped = _swaps_axes(img)
-            shown_h, shown_w = (img.width, img.height) if swapped else (img.height, img.width)
-            target_h, target_w = _target_shape(shown_h, shown_w, prep)
             # Reduction limits in the stored (unrotated) frame: keep >= 2x the target.
             need_w, need_h = (2 * target_h, 2 * target_w) if swapped else (2 * target_w, 2 * target_h)
             # JPEG (and MPO, phones' JPEG variant) decode at a DCT scale; a no-op elsewhere.
@@ -236,7 +238,7 @@ def load_image(data: bytes, prep: Preprocessing, name: str = '<bytes>') -> np.nd
                 f'{name}: cannot decode image ({type(e).__name__}: {e})') from e
     if pixels.shape[0] == 0 or pixels.shape[1] == 0:
         raise preprocess.ImageDecodeError(f'{name}: image has zero size {pixels.shape[:2]}')
-    return preprocess.resize_image(pixels, (target_h, target_w))
+    return preprocess.resize_image(pixels, (target_h, target_w), max_pixels=0)  # checked above
 
 
 def content_key(data: bytes) -> int:
@@ -447,6 +449,9 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
             return path, prepare_file(path, prep), ''
         except preprocess.ImageDecodeError as e:
             return path, None, str(e).removeprefix(f'{path}: ')
+        except Exception as e:  # one file's failure must not stop the run
+            detail = f'{type(e).__name__}: {e}' if str(e) else type(e).__name__
+            return path, None, f'cannot prepare image ({detail})'
 
     pending: list[Result] = []
     crops: list[np.ndarray] = []
@@ -455,7 +460,12 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
     def run_batch() -> list[Result]:
         out = scorer(np.stack(crops))
         for i, result in enumerate(slots):
-            result.score = float(out['score'][i])
+            score = float(out['score'][i])
+            if not np.isfinite(score):
+                result.error = (f'the model gave a non-finite score ({score}): the checkpoint '
+                                'is diverged or broken')
+                continue
+            result.score = score
             if out['stage_weights'] is not None:
                 result.stage_weights = out['stage_weights'][i]
         done = list(pending)
@@ -494,7 +504,11 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
 
 class RowWriter:
     """Writes result rows as they come: CSV or JSON Lines appended and flushed per batch,
-    or a JSON array rewritten atomically per batch. Opening truncates the file."""
+    or a JSON array rewritten atomically per batch. Opening truncates the file.
+
+    File names that are not valid in the file system's encoding (os.fsdecode's surrogate
+    escapes) go into CSV as their original bytes (a `stream` is reconfigured to allow
+    that) and into JSON as \\u escapes, which json.loads and os.fsencode turn back."""
 
     def __init__(self, path: Optional[str], stream: Optional[TextIO] = None):
         self.path = path
@@ -504,7 +518,13 @@ class RowWriter:
         if self.format == 'json':
             self._rewrite()
         else:
-            self._file = open(path, 'w', newline='') if path else (stream or sys.stdout)
+            if path:
+                self._file = open(path, 'w', newline='', errors='surrogateescape')
+            else:
+                self._file = stream or sys.stdout
+                if (getattr(self._file, 'errors', None) == 'strict'
+                        and hasattr(self._file, 'reconfigure')):
+                    self._file.reconfigure(errors='surrogateescape')
             if self.format == 'csv':
                 self._csv = csv.DictWriter(self._file, COLUMNS)
                 self._csv.writeheader()
@@ -516,6 +536,9 @@ class RowWriter:
         for another suffix or a folder that does not exist. Touches nothing."""
         if not path:
             return 'csv'
+        if os.path.isdir(path):
+            raise UsageError(f'--output {path}: is a folder; give a file name ending in .csv, '
+                             '.json or .jsonl')
         suffix = os.path.splitext(path)[1].lower()
         fmt = {'.json': 'json', '.jsonl': 'jsonl', '.csv': 'csv'}.get(suffix)
         if fmt is None:
@@ -528,7 +551,7 @@ class RowWriter:
     def _rewrite(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix='.scores-', suffix='.json', dir=directory)
-        with os.fdopen(fd, 'w') as f:
+        with os.fdopen(fd, 'w', errors='surrogateescape') as f:
             json.dump(self._rows, f, indent=1)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, self.path)
@@ -603,6 +626,10 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     """
     from smartiqa_jax import checkpoint, sharding
 
+    if args.workers < 0:
+        raise UsageError(f'--workers must be 0 (min(4, CPUs)) or more, got {args.workers}')
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise UsageError(f'--max-pixels must be at least 1, got {args.max_pixels}')
     try:   # before anything starts JAX
         sharding.set_cpu_devices(getattr(args, 'cpu_devices', 0))
     except ValueError as e:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
@@ -105,12 +105,15 @@ def decode_image(data: bytes, name: str = '<bytes>') -> np.ndarray:
     return pixels
 
 
-def resized_shape(height: int, width: int, resize: ResizeSpec,
-                  min_side: int = 0) -> tuple[int, int]:
+def resized_shape(height: int, width: int, resize: ResizeSpec, min_side: int = 0, *,
+                  max_pixels: Optional[int] = None, name: str = '<image>') -> tuple[int, int]:
     """The (height, width) an image of the given size gets from `resize`.
 
     After the spec is applied, an image whose shorter side is below `min_side`
     (the crop size) is scaled up, keeping its aspect ratio, so a crop fits.
+    Raises ImageDecodeError naming `name` and the sizes when the result has more
+    pixels than the image and than `max_pixels` (None: PIL's Image.MAX_IMAGE_PIXELS;
+    0: no limit), as a thin strip scaled up to `min_side` does.
     """
     if resize is None:
         out_h, out_w = height, width
@@ -123,17 +126,23 @@ def resized_shape(height: int, width: int, resize: ResizeSpec,
         scale = min_side / min(out_h, out_w)
         out_h = max(min_side, round(out_h * scale))
         out_w = max(min_side, round(out_w * scale))
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if limit and out_h * out_w > max(limit, height * width):
+        raise ImageDecodeError(
+            f'{name}: resized image over the pixel limit ({height}x{width} to {out_h}x{out_w}, '
+            f'height x width: {out_h * out_w} pixels > {limit})')
     return out_h, out_w
 
 
-def resize_image(pixels: np.ndarray, resize: ResizeSpec,
-                 min_side: int = 0) -> np.ndarray:
-    """uint8 (H, W, 3) -> uint8 (h, w, 3) per `resized_shape`.
+def resize_image(pixels: np.ndarray, resize: ResizeSpec, min_side: int = 0, *,
+                 max_pixels: Optional[int] = None, name: str = '<image>') -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (h, w, 3) per `resized_shape` (ImageDecodeError from it).
 
     Bilinear with PIL's area-aware filter, as torchvision's PIL Resize does, so
     downscaled KonIQ images match what the released checkpoints saw.
     """
-    h, w = resized_shape(pixels.shape[0], pixels.shape[1], resize, min_side)
+    h, w = resized_shape(pixels.shape[0], pixels.shape[1], resize, min_side,
+                         max_pixels=max_pixels, name=name)
     if (h, w) == pixels.shape[:2]:
         return pixels
     img = Image.fromarray(pixels).resize((w, h), Image.BILINEAR)

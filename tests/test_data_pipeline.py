@@ -1,6 +1,7 @@
 """The grain pipeline: shapes, normalisation, determinism, epochs, eval crops, shards, state."""
 
 import collections
+import logging
 import os
 
 import numpy as np
@@ -168,6 +169,25 @@ def test_two_workers_are_deterministic_and_cover_the_epoch(tmp_path):
     inline = list(train_loader(recs, num_epochs=1))
     scores = lambda batches: sorted(float(s) for b in batches for s in b['score'])
     assert len(runs[0]) == len(inline) == 6 and scores(runs[0]) == scores(inline)
+
+
+def test_an_image_the_resize_would_blow_up_costs_that_image_only(tmp_path, monkeypatch,
+                                                                  caplog):
+    """resize None (data.resize=()) scales a 1 x 500 strip up to the crop, 32 x 16000: over
+    the pixel limit (PIL's, lowered here so that without the check the resize stays small)."""
+    from PIL import Image
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100_000)
+    recs = records(tmp_path, n=3)
+    Image.fromarray(np.full((1, 500, 3), 128, np.uint8)).save(recs[1].image)
+    with caplog.at_level(logging.WARNING):
+        (batch,) = list(pipeline.make_eval_loader(recs, batch_size=3, crop_size=32, resize=None,
+                                                  shard_index=0, shard_count=1))
+    assert batch['mask'].tolist() == [True, False, True]
+    assert any(f'{recs[1].name}: resized image over the pixel limit (1x500 to 32x16000, '
+               'height x width: 512000 pixels > 100000)' in m for m in caplog.messages)
+    cached = train_loader(recs, resize=None, cache=True, num_epochs=1)
+    assert cached.num_images == 2 and [p.name for p in cached.report.problems] == [recs[1].name]
+    assert 'over the pixel limit' in cached.report.problems[0].reason
 
 
 @pytest.mark.parametrize('mode, crops', [('center', 1), ('grid', 4), ('random', 3)])

@@ -116,6 +116,103 @@ def test_exit_status_all_good_json_and_usage_errors(ckpt, folder, tmp_path, caps
     assert "--attention: attention='pallas' runs on GPUs" in err   # once, before any file
 
 
+def test_flag_values_that_cannot_work_are_usage_errors(ckpt, folder, tmp_path, capsys,
+                                                         monkeypatch):
+    def never(path, prep):
+        raise AssertionError(f'{path} read before the flags were checked')
+
+    monkeypatch.setattr(predict, 'prepare_file', never)
+    good = [str(folder / 'photo.jpg')]
+    folder_csv = tmp_path / 'd.csv'
+    folder_csv.mkdir()
+    assert predict.main(['--checkpoint', ckpt, *good, '--workers', '-1', *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--max-pixels', '-5', *FAST]) == 2
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(folder_csv), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        'error: --workers must be 0 (min(4, CPUs)) or more, got -1',
+        'error: --max-pixels must be at least 1, got -5',
+        f'error: --output {folder_csv}: is a folder; give a file name ending in .csv, .json '
+        'or .jsonl']
+
+
+def test_one_bad_file_never_stops_the_run(ckpt, folder, tmp_path, monkeypatch):
+    """A strip the resize would blow up (224 x 112000 pixels from 1 x 500, over PIL's limit,
+    lowered here so that without the check the resize stays small), and any other exception
+    while preparing a file, are that file's error; the files after them are still scored."""
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 150_000)
+    inputs = tmp_path / 'inputs'
+    inputs.mkdir()
+    Image.fromarray(np.full((1, 500, 3), 128, np.uint8)).save(inputs / 'a_line.png')
+    (inputs / 'b_oom.jpg').write_bytes((folder / 'gray.png').read_bytes())
+    (inputs / 'c_photo.jpg').write_bytes((folder / 'photo.jpg').read_bytes())
+    load_image = predict.load_image
+
+    def out_of_memory(data, prep, name='<bytes>'):
+        if name.endswith('b_oom.jpg'):
+            raise MemoryError
+        return load_image(data, prep, name)
+
+    monkeypatch.setattr(predict, 'load_image', out_of_memory)
+    for resize in ('none', 'short:224'):
+        out = tmp_path / f'{resize[:5]}.csv'
+        assert predict.main(['--checkpoint', ckpt, str(inputs), '--resize', resize,
+                             '--output', str(out), *FAST]) == 1
+        rows = {os.path.basename(r['path']): r for r in _read_csv(out)}
+        assert rows['a_line.png']['error'] == (
+            'resized image over the pixel limit (1x500 to 224x112000, height x width: '
+            '25088000 pixels > 150000)'), resize
+        assert rows['b_oom.jpg']['error'] == 'cannot prepare image (MemoryError)'
+        assert rows['c_photo.jpg']['error'] == '' and rows['c_photo.jpg']['score']
+
+
+def test_a_non_finite_score_is_that_files_error(ckpt, folder, tmp_path, monkeypatch, capsys):
+    original = predict.Scorer.__call__
+
+    def diverged_on_the_first(self, crops):
+        out = original(self, crops)
+        out['score'][0] = np.nan
+        return out
+
+    monkeypatch.setattr(predict.Scorer, '__call__', diverged_on_the_first)
+    out = tmp_path / 'scores.csv'
+    good = [str(folder / n) for n in ('photo.jpg', 'gray.png')]
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(out), *FAST]) == 1
+    first, second = _read_csv(out)
+    assert first['score'] == '' and first['weight_stage1'] == ''
+    assert first['error'] == ('the model gave a non-finite score (nan): the checkpoint is '
+                              'diverged or broken')
+    assert second['error'] == '' and np.isfinite(float(second['score']))
+    assert 'scored 1 image, failed 1' in capsys.readouterr().err
+
+
+def test_file_names_that_are_not_utf8_are_written_back_as_they_are(ckpt, folder, tmp_path):
+    raw = os.path.join(os.fsencode(tmp_path), b'b\xff.jpg')
+    try:
+        with open(raw, 'wb') as f:
+            f.write((folder / 'photo.jpg').read_bytes())
+    except OSError:
+        pytest.skip('this file system takes only valid UTF-8 names')
+    name = os.fsdecode(raw)
+    for suffix in ('csv', 'jsonl', 'json'):
+        out = tmp_path / f'scores.{suffix}'
+        assert predict.main(['--checkpoint', ckpt, name, '--output', str(out), *FAST]) == 0
+        if suffix == 'csv':
+            assert raw in out.read_bytes()
+            with open(out, newline='', errors='surrogateescape') as f:
+                (row,) = list(csv.DictReader(f))
+        else:
+            rows = json.loads(out.read_text()) if suffix == 'json' else [
+                json.loads(line) for line in out.read_text().splitlines()]
+            (row,) = rows
+        assert row['path'] == name and row['error'] == '', suffix
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding='utf-8', newline='')
+    writer = predict.RowWriter(None, stdout)
+    writer.write([predict.Result(name, error='x')])
+    stdout.flush()
+    assert raw + b',,,,,,x' in stdout.buffer.getvalue()
+
+
 def test_a_released_pytorch_file_scores_as_its_converted_checkpoint(ckpt, folder, tmp_path,
                                                                      capsys):
     from safetensors.numpy import save_file

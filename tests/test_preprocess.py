@@ -104,6 +104,21 @@ def test_resize_specs():
     assert preprocess.parse_resize(256) == 256 and preprocess.parse_resize('none') is None
 
 
+def test_a_resize_to_more_pixels_than_the_limit_is_refused_naming_the_sizes():
+    # A 1 x 400000 strip (1.2 KB as PNG) scaled up to the crop: 224 x 89.6M pixels.
+    with pytest.raises(preprocess.ImageDecodeError, match=r'^line.png: resized image over the '
+                       r'pixel limit \(1x400000 to 224x89600000, height x width'):
+        preprocess.resized_shape(1, 400000, None, min_side=224, name='line.png')
+    with pytest.raises(preprocess.ImageDecodeError, match=r'x.png: .* pixels > 1000\)$'):
+        preprocess.resize_image(gradient(2, 100), 32, max_pixels=1000, name='x.png')
+    # Within the limit, not growing the image, or no limit (0): as before.
+    assert preprocess.resized_shape(100, 150, None, min_side=224,
+                                    max_pixels=224 * 336) == (224, 336)
+    assert preprocess.resized_shape(100, 150, (50, 60), max_pixels=1000) == (50, 60)
+    assert preprocess.resized_shape(100, 150, None, max_pixels=1000) == (100, 150)
+    assert preprocess.resized_shape(1, 400000, None, 224, max_pixels=0) == (224, 89600000)
+
+
 def test_crop_offsets():
     assert preprocess.center_crop_offset(512, 384, 224) == (144, 80)
     grid = preprocess.grid_crop_offsets(512, 384, 224, 20)

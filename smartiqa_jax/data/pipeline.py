@@ -93,11 +93,24 @@ def _load_pixels(source: Any, index: int, resize: preprocess.ResizeSpec,
     element = source[index]
     name = _name_of(element, index)
     try:
-        pixels = preprocess.decode_image(preprocess.read_bytes(element['image']), name)
-    except (preprocess.ImageDecodeError, OSError) as e:
-        log.warning('skipping %s: %s', name, e)
+        return _decode_resized(element, name, resize, min_side)
+    except Exception as e:  # any failure costs this image only
+        log.warning('skipping %s: %s', name, _why(e))
         return None
-    return preprocess.resize_image(pixels, resize, min_side)
+
+
+def _decode_resized(element: dict[str, Any], name: str, resize: preprocess.ResizeSpec,
+                    min_side: int) -> np.ndarray:
+    """A source element -> decoded, resized uint8 (h, w, 3); raises for a bad image."""
+    pixels = preprocess.decode_image(preprocess.read_bytes(element['image']), name)
+    return preprocess.resize_image(pixels, resize, min_side, name=name)
+
+
+def _why(error: Exception) -> str:
+    """Why an image failed: the message, after the exception type where that is not clear."""
+    if isinstance(error, (preprocess.ImageDecodeError, OSError)):
+        return str(error)
+    return f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
 
 
 class DecodedImageCache:
@@ -131,10 +144,9 @@ class DecodedImageCache:
             element = source[i]
             name = _name_of(element, i)
             try:
-                pixels = preprocess.decode_image(preprocess.read_bytes(element['image']), name)
-            except (preprocess.ImageDecodeError, OSError) as e:
-                return i, name, None, str(e), float(element['score'])
-            pixels = preprocess.resize_image(pixels, resize, min_side)
+                pixels = _decode_resized(element, name, resize, min_side)
+            except Exception as e:  # any failure excludes this image only
+                return i, name, None, _why(e), float(element['score'])
             return i, name, pixels, '', float(element['score'])
 
         offset = 0
