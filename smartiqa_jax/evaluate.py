@@ -329,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(f'--{key}-root', default=None, help=f'the {info.title} folder')
     csv_flags = parser.add_argument_group(
         'your own data (--datasets csv)',
-        'A CSV of image paths and scores. Split values train|training, '
+        'A CSV of image paths and scores. Split values (any case) train|training, '
         'validation|val|valid, test|testing; without a split column, a seeded '
         '0.7/0.1/0.2 split (--split all takes every row).')
     csv_flags.add_argument('--csv-root', default=None, metavar='FILE', help='the CSV file')
