@@ -11,7 +11,12 @@ released SMART-IQA PyTorch state_dict file (`weights.load_pytorch`).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import traceback
+import warnings
 from pathlib import Path
 
 import jax
@@ -100,7 +105,9 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     """
     path = _absolute(path)
     if not path.exists():
-        raise CheckpointError(f'{path}: no such checkpoint directory')
+        what = 'file or checkpoint directory' if path.suffix in STATE_DICT_SUFFIXES else \
+            'checkpoint directory'
+        raise CheckpointError(f'{path}: no such {what}')
     if _is_model_dir(path):
         return path
     # The run's workdir, also when its checkpoints/ folder is what was given.
@@ -115,7 +122,11 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
             continue
         best = root / 'best_step'
         if best.is_file():
-            wanted = int(best.read_text().strip())
+            text = best.read_text().strip()
+            if not text.isdigit():
+                raise CheckpointError(f'{best}: expected a step number, found {text!r}; delete '
+                                      f'it for the latest step, or pass a step directory')
+            wanted = int(text)
             chosen = dict(steps).get(wanted)
             if chosen is None:
                 raise CheckpointError(
@@ -175,7 +186,8 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
     The window attention implementation the checkpoint was trained with is not kept:
     the model takes 'auto', the best one for this machine and `dtype` (the Pallas
     kernels for bfloat16 on a recent NVIDIA GPU, else XLA's), unless `attention=` is
-    given.
+    given. Parameters that are unreadable, or not those of the model the checkpoint's
+    config describes, raise CheckpointError naming the directory.
     """
     directory = resolve(path)
     if directory.is_file():
@@ -184,8 +196,14 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
         model.eval()
         return model
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
-            MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+        try:
+            config_dict = checkpointer.restore(directory, ocp.args.Composite(**{
+                MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
+        except Exception as e:   # orbax raises many types, with pages of detail
+            raise CheckpointError(f'{directory}: {MODEL_CONFIG}/ is unreadable (corrupt or '
+                                  f'truncated?): {_first_line(e)}') from None
+        if not isinstance(config_dict, dict):
+            raise CheckpointError(f'{directory}: {MODEL_CONFIG}/ holds no model config')
         config_dict = {**config_dict, 'attention': 'auto'}
         config = ModelConfig.from_dict({**config_dict, **config_overrides})
         # Shapes only: every value is about to be overwritten by the checkpoint's.
@@ -196,8 +214,96 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device),
             params_pytree(model))
-        tree = checkpointer.restore(directory, ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(abstract)}))[PARAMS]
+        # Checked first: a restore that fails part way leaves orbax's other reads running.
+        mismatch = _mismatch(directory, abstract)
+        if mismatch:
+            raise CheckpointError(
+                f'{directory}: the parameters in {PARAMS}/ are not those of the model its '
+                f'{MODEL_CONFIG}/ describes (SMART-IQA {config.variant}/{config.fusion}): '
+                f'{mismatch}')
+        try:
+            with _quiet_abandoned_reads(directory):
+                tree = checkpointer.restore(directory, ocp.args.Composite(**{
+                    PARAMS: ocp.args.StandardRestore(abstract)}))[PARAMS]
+        except Exception as e:
+            raise CheckpointError(f'{directory}: the parameters in {PARAMS}/ are unreadable '
+                                  f'(corrupt or truncated?): {_first_line(e)}') from None
     restore_params(model, jax.tree.map(np.asarray, tree))
     model.eval()
     return model
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of the innermost cause of `error` (orbax wraps tensorstore's)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _mismatch(directory: Path, abstract: dict) -> str:
+    """How the stored parameters differ from `abstract` in names or shapes; '' if they do
+    not, or if the stored metadata cannot be read (the restore then says why)."""
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored = handler.metadata(directory / PARAMS)
+        stored = getattr(stored, 'tree', stored)
+        have = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    except Exception:
+        return ''
+    finally:
+        handler.close()
+    if not have:
+        return ''
+    want = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
+    shapes = [f'{k} {have[k]} vs {want[k]}' for k in sorted(set(want) & set(have))
+              if have[k] != want[k]]
+    parts = [f'{len(missing)} missing (e.g. {missing[0]})' if missing else '',
+             f'{len(extra)} not in the model (e.g. {extra[0]})' if extra else '',
+             f'{len(shapes)} of another shape (e.g. {shapes[0]})' if shapes else '']
+    return '; '.join(p for p in parts if p)
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads(directory: Path):
+    """Drops the reports of the reads a failed restore abandons.
+
+    Orbax reads every array at once; when one read fails it closes its event loop with
+    the others still running, and each of those then reports a traceback of pages: into
+    the closed loop, or when its coroutine or task is garbage collected. The
+    CheckpointError says what was wrong, so after a failure those reports are dropped.
+    """
+    where = str(directory)
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _abandoned_read(where, unraisable.exc_value):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    except BaseException:
+        # The hook stays: the abandoned reads finish after the restore has returned.
+        logging.getLogger('asyncio').addFilter(lambda record: not (
+            'exception was never retrieved' in record.getMessage() and _abandoned_read(
+                where, record.exc_info[1] if record.exc_info else None, record.getMessage())))
+        warnings.filterwarnings(
+            'ignore', "coroutine '_read_array_index_and_device_put' was never awaited",
+            RuntimeWarning)
+        raise
+    if sys.unraisablehook is hook:
+        sys.unraisablehook = previous
+
+
+def _abandoned_read(directory: str, error: BaseException | None, message: str = '') -> bool:
+    """Whether `error` (and `message`) report an abandoned read of `directory`."""
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+        return True   # a read that finished after its event loop was closed
+    if error is not None:
+        message += ''.join(traceback.format_exception(error))
+    return directory in message

@@ -30,23 +30,37 @@ def _parser() -> argparse.ArgumentParser:
     timm.add_argument('--fusion', default='attention', choices=FUSIONS)
     timm.add_argument('--seed', type=int, default=0, help='init seed of the non-backbone layers')
     timm.add_argument('--out', required=True, help='orbax checkpoint directory to write')
-    timm.add_argument('--force', action='store_true', help='overwrite --out if it exists')
+    timm.add_argument('--force', action='store_true',
+                      help='replace --out if it is a model checkpoint or a file')
 
     torch_in = sub.add_parser('from-pytorch', help='a released SMART-IQA state_dict -> a model checkpoint')
     torch_in.add_argument('file', help='.pth or .safetensors (variant and fusion are detected)')
     torch_in.add_argument('--out', required=True)
-    torch_in.add_argument('--force', action='store_true')
+    torch_in.add_argument('--force', action='store_true',
+                          help='replace --out if it is a model checkpoint or a file')
 
     torch_out = sub.add_parser('to-pytorch', help='a model checkpoint -> a released-format state_dict')
     torch_out.add_argument('checkpoint', help='model checkpoint directory or training workdir')
     torch_out.add_argument('--out', required=True, help='FILE.pth or FILE.safetensors')
-    torch_out.add_argument('--force', action='store_true')
+    torch_out.add_argument('--force', action='store_true', help='replace --out if it is a file')
     return parser
 
 
-def _check_out(path: str, force: bool) -> None:
-    if os.path.exists(path) and not force:
+def _check_out(path: str, force: bool, checkpoint_dir: bool = False) -> None:
+    """Refuses an existing --out without --force, and with it a folder that --out cannot
+    replace: anything but a model checkpoint for a checkpoint, any folder for a file."""
+    if not os.path.lexists(path):
+        return
+    if not force:
         raise FileExistsError(f'{path} exists; pass --force to overwrite it')
+    if not os.path.isdir(path):
+        return
+    from smartiqa_jax import checkpoint
+    if not checkpoint_dir:
+        raise FileExistsError(f'{path} is a folder; --out names the file to write')
+    if not checkpoint._is_model_dir(Path(path)):
+        raise FileExistsError(f'{path} is a folder that is not a model checkpoint; --force '
+                              'overwrites only a model checkpoint or a file: choose another --out')
 
 
 OUTPUT_SUFFIXES = ('.pth', '.pt', '.safetensors')
@@ -54,14 +68,20 @@ OUTPUT_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
 def save_state_dict(state: dict, path: str) -> None:
     """Writes {name: numpy array} as .safetensors (no torch needed) or .pth (needs torch)."""
-    if path.endswith('.safetensors'):
-        from safetensors.numpy import save_file
-        save_file(state, path)
-    elif path.endswith(('.pth', '.pt')):
-        import torch
-        torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
-    else:
+    if not path.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f'{path}: the output must end in {", ".join(OUTPUT_SUFFIXES)}')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f'{path}: no such folder {folder}')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.numpy import save_file
+            save_file(state, path)
+        else:
+            import torch
+            torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
+    except Exception as e:   # SafetensorError, torch's RuntimeError, OSError
+        raise OSError(f'{path}: cannot write it ({e})') from None
 
 
 def run(args: argparse.Namespace) -> str:
@@ -73,13 +93,13 @@ def run(args: argparse.Namespace) -> str:
     from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 
     if args.command == 'from-timm':
-        _check_out(args.out, args.force)
+        _check_out(args.out, args.force, checkpoint_dir=True)
         model = SmartIQA(ModelConfig(args.variant, args.fusion), rngs=nnx.Rngs(args.seed))
         weights.load_timm_backbone(model, args.file)
         out = checkpoint.save_model(args.out, model, force=args.force)
         return f'{args.file}: Swin-{args.variant} backbone -> {out} (fusion {args.fusion}, head seed {args.seed})'
     if args.command == 'from-pytorch':
-        _check_out(args.out, args.force)
+        _check_out(args.out, args.force, checkpoint_dir=True)
         model = weights.load_pytorch(args.file)
         out = checkpoint.save_model(args.out, model, force=args.force)
         c = model.config
@@ -96,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == 'to-pytorch' and not args.out.endswith(OUTPUT_SUFFIXES):
         parser.error(f'--out {args.out}: must end in {", ".join(OUTPUT_SUFFIXES)}')
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if args.command == 'to-pytorch' and not os.path.isdir(folder):
+        # Before the model is loaded; the checkpoint commands create their folders.
+        print(f'error: --out {args.out}: no such folder {folder}', file=sys.stderr)
+        return 2
     from smartiqa_jax.checkpoint import CheckpointError
     from smartiqa_jax.weights import WeightsError
     try:
         print(run(args))
-    except (WeightsError, CheckpointError, FileExistsError, ValueError) as e:
+    except (WeightsError, CheckpointError, OSError, ValueError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     return 0

@@ -21,9 +21,10 @@ Dataset roots: `--<name>-root DIR`, or `--data-root DIR` holding one folder per 
 tried). A dataset that is not found stops the run before the model is loaded, with the
 paths that were tried.
 
-Written to --output-dir (default: evaluation/<checkpoint folder name>): table3.md,
-table3.csv, results.json and predictions_<dataset>.csv (one row per image: label,
-prediction, stage weights, error). Exit status: 0 done (images that could not be
+Written to --output-dir (default: evaluation/<checkpoint folder name>, created before
+anything is scored): table3.md, table3.csv, results.json and predictions_<dataset>.csv
+(one row per image: label, prediction, stage weights, error; each written as soon as
+its dataset is scored). Exit status: 0 done (images that could not be
 decoded are left out of the metrics and counted), 2 usage or missing data.
 """
 
@@ -270,8 +271,29 @@ def _nan_to_none(tree):
     return tree
 
 
-def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdown: str) -> None:
-    """table3.md, table3.csv (one row per dataset + average), results.json, predictions_*.csv."""
+def make_output_dir(out_dir: str) -> None:
+    """Creates `out_dir` if needed; UsageError if it cannot be a folder (before any scoring)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f'--output-dir {out_dir}: a file, not a folder')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:   # a file above it, no permission...
+        raise UsageError(f'--output-dir {out_dir}: cannot create the folder '
+                         f'({e.strerror or e})') from None
+
+
+def write_predictions(out_dir: str, key: str, result: dict) -> None:
+    """predictions_<key>.csv: one row per image of a dataset's `evaluate_records` result."""
+    with open(os.path.join(out_dir, f'predictions_{key}.csv'), 'w', newline='') as f:
+        writer = csv.DictWriter(f, ['name', 'label'] + predict.COLUMNS)
+        writer.writeheader()
+        writer.writerows(result['rows'])
+
+
+def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdown: str, *,
+                  predictions: bool = True) -> None:
+    """table3.md, table3.csv (one row per dataset + average), results.json and, with
+    `predictions`, predictions_*.csv."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'table3.md'), 'w') as f:
         f.write(markdown + '\n')
@@ -287,10 +309,8 @@ def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdow
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(_nan_to_none(summary), f, indent=2)
     for key, r in results.items():
-        with open(os.path.join(out_dir, f'predictions_{key}.csv'), 'w', newline='') as f:
-            writer = csv.DictWriter(f, ['name', 'label'] + predict.COLUMNS)
-            writer.writeheader()
-            writer.writerows(r['rows'])
+        if predictions:
+            write_predictions(out_dir, key, r)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -309,7 +329,7 @@ def _parser() -> argparse.ArgumentParser:
             parser.add_argument(f'--{key}-root', default=None, help=f'the {info.title} folder')
     csv_flags = parser.add_argument_group(
         'your own data (--datasets csv)',
-        'A CSV of image paths and scores. Split values train|training, '
+        'A CSV of image paths and scores. Split values (any case) train|training, '
         'validation|val|valid, test|testing; without a split column, a seeded '
         '0.7/0.1/0.2 split (--split all takes every row).')
     csv_flags.add_argument('--csv-root', default=None, metavar='FILE', help='the CSV file')
@@ -345,7 +365,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         roots = {k: find_root(k, getattr(args, f'{k}_root'), args.data_root) for k in keys}
         records = {k: read_records(k, roots[k], args.split,
                                    csv_options(args) if k == 'csv' else None) for k in keys}
+        if args.output_dir:
+            make_output_dir(args.output_dir)   # before the model is loaded
         model, prep, directory = predict.load_for_scoring(args)
+        out_dir = args.output_dir or os.path.join('evaluation', Path(directory).name)
+        make_output_dir(out_dir)
         scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
@@ -355,6 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key in keys:
         results[key] = evaluate_records(scorer, records[key], prep, workers=args.workers,
                                         progress=not args.no_progress, desc=DATASETS[key].title)
+        # Now, so that a run stopped on a later dataset keeps this one's.
+        write_predictions(out_dir, key, results[key])
     elapsed = time.perf_counter() - start
     c = model.config
     model_name = f'SMART-IQA {c.variant}/{c.fusion}'
@@ -371,8 +397,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f'PLCC is raw (no logistic fit); Average is the mean over the datasets.\n\n'
                 + format_table(results, model_name, args.logistic) + '\n\n'
                 + format_details(results, args.split))
-    out_dir = args.output_dir or os.path.join('evaluation', Path(directory).name)
-    write_outputs(out_dir, results, summary, markdown)
+    write_outputs(out_dir, results, summary, markdown, predictions=False)
     n = sum(r['n_images'] for r in results.values())
     print(markdown)
     print(f'\n{n} images in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.2f} images/s); '

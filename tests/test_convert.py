@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import smartiqa_jax
-from smartiqa_jax import convert, weights
+from smartiqa_jax import checkpoint, convert, weights
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 from smartiqa_jax.torch_reference import SmartIQATorch
 
@@ -81,6 +81,38 @@ def test_usage_errors_exit_2(argv, capsys):
     assert e.value.code == 2
     if argv[0] == 'to-pytorch':
         assert '--out y.npz: must end in .pth, .pt, .safetensors' in capsys.readouterr().err
+
+
+def test_force_replaces_only_a_model_checkpoint_or_a_file(ckpt, tmp_path, capsys):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    (photos / 'a.jpg').write_bytes(b'a photo')
+    for argv in (['from-pytorch', 'pico.pth'], ['from-timm', 'swin.pth', '--variant', 'tiny']):
+        assert convert.main([*argv, '--out', str(photos), '--force']) == 1
+        assert f'{photos} is a folder that is not a model checkpoint' in capsys.readouterr().err
+        assert (photos / 'a.jpg').read_bytes() == b'a photo'
+    (tmp_path / 'x.pth').mkdir()
+    assert convert.main(['to-pytorch', ckpt, '--out', str(tmp_path / 'x.pth'), '--force']) == 1
+    assert f'{tmp_path / "x.pth"} is a folder; --out names the file' in capsys.readouterr().err
+    # A model checkpoint and a file are replaced.
+    exported = tmp_path / 'nano.safetensors'
+    exported.write_text('an old export')
+    assert convert.main(['to-pytorch', ckpt, '--out', str(exported), '--force']) == 0
+    old = tmp_path / 'old'
+    checkpoint.save_model(old, SmartIQA(ModelConfig('pico', 'backbone'), rngs=nnx.Rngs(0)))
+    (tmp_path / 'notes.txt').write_text('a file')
+    for out in (old, tmp_path / 'notes.txt'):
+        assert convert.main(['from-pytorch', str(exported), '--out', str(out), '--force']) == 0
+        assert smartiqa_jax.load(out).config.variant == 'nano'
+
+
+def test_a_missing_or_unwritable_output_is_one_line(ckpt, tmp_path, capsys):
+    out = tmp_path / 'nodir' / 'x.safetensors'
+    assert convert.main(['to-pytorch', ckpt, '--out', str(out)]) == 2
+    assert capsys.readouterr().err == f'error: --out {out}: no such folder {out.parent}\n'
+    (tmp_path / 'd.safetensors').mkdir()
+    with pytest.raises(OSError, match='d.safetensors: cannot write it'):
+        convert.save_state_dict({'a': np.zeros(2, np.float32)}, str(tmp_path / 'd.safetensors'))
 
 
 def test_save_load_keeps_parameters_and_config(tmp_path):

@@ -180,3 +180,33 @@ def test_csv_folder_missing_column_is_a_clear_error(tmp_path):
     csv_path = fx.make_csv_folder(str(tmp_path), n=3)
     with pytest.raises(quality.DataError, match=r"labels.csv: missing column\(s\) \['mos'\]"):
         readers.read_csv_folder(csv_path, score_column='mos')
+
+
+def test_split_values_match_in_any_case(tmp_path):
+    rows = []
+    for i in range(6):
+        fx.write_image(str(tmp_path / f'p{i}.png'), seed=i)
+        rows.append([f'p{i}.png', i, [' Train', 'Validation', 'TEST', 'Training', 'Val', 'Te'][i]])
+    csv_path = fx.write_csv(str(tmp_path / 'labels.csv'), ['image', 'score', 'set'], rows)
+    splits = readers.read_csv_folder(csv_path, split_column='set', split_names={'TE': 'test'})
+    assert {s: [r.name for r in v] for s, v in splits.items()} == {
+        'train': ['p0.png', 'p3.png'], 'validation': ['p1.png', 'p4.png'],
+        'test': ['p2.png', 'p5.png']}
+    assert not splits.report.problems
+
+
+def test_a_csv_root_that_cannot_be_read_as_one_is_named(tmp_path):
+    with pytest.raises(quality.DataError, match=f'^{tmp_path}: a folder; a CSV file is expected'):
+        readers.read_csv_folder(str(tmp_path))
+    csv_path = fx.make_csv_folder(str(tmp_path), n=3)
+    for bad in ((5, 1), (3, 3), (1,), ('low', 'high')):
+        with pytest.raises(quality.DataError, match='labels.csv: score_range'):
+            readers.read_csv_folder(csv_path, score_range=bad)
+    assert readers.read_csv_folder(csv_path, score_range=(0, 5))['train'][0].scale.high == 5.0
+    for sep, name in ((';', 'semicolons'), ('\t', 'tabs')):
+        other = tmp_path / 'other.csv'
+        other.write_text(f'image{sep}score{sep}set\nimages/img000.png{sep}1{sep}train\n')
+        with pytest.raises(quality.DataError, match=rf"other.csv: missing column\(s\) \['image', "
+                                                    rf"'score'\]; .* seems to separate its columns "
+                                                    rf'with {name}, and a comma-separated'):
+            readers.read_csv_folder(str(other))

@@ -120,6 +120,39 @@ def test_missing_dataset_names_where_it_looked(ckpt, data_root, tmp_path, capsys
     assert "unknown dataset 'tid2013'" in capsys.readouterr().err
 
 
+def test_an_unusable_output_dir_stops_the_run_before_scoring(ckpt, data_root, tmp_path, capsys,
+                                                              monkeypatch):
+    scored = []
+    monkeypatch.setattr(evaluate, 'evaluate_records', lambda *a, **k: scored.append(1))
+    a_file = tmp_path / 'results'
+    a_file.write_text('not a folder')
+    for out, why in ((a_file, 'a file, not a folder'),
+                     (a_file / 'sub', 'cannot create the folder (Not a directory)')):
+        assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'koniq',
+                              '--data-root', str(data_root), '--output-dir', str(out),
+                              *FAST]) == 2
+        assert capsys.readouterr().err == f'error: --output-dir {out}: {why}\n'
+    assert not scored and a_file.read_text() == 'not a folder'
+
+
+def test_a_failing_run_keeps_the_predictions_of_the_datasets_it_scored(ckpt, data_root,
+                                                                       tmp_path, monkeypatch):
+    score = evaluate.evaluate_records
+
+    def fails_on_spaq(scorer, records, prep, **kwargs):
+        if kwargs['desc'] == 'SPAQ':
+            raise RuntimeError('out of memory')
+        return score(scorer, records, prep, **kwargs)
+
+    monkeypatch.setattr(evaluate, 'evaluate_records', fails_on_spaq)
+    out = tmp_path / 'eval'
+    with pytest.raises(RuntimeError, match='out of memory'):
+        evaluate.main(['--checkpoint', ckpt, '--datasets', 'koniq,spaq', '--data-root',
+                       str(data_root), '--output-dir', str(out), *FAST])
+    assert len(_read_csv(out / 'predictions_koniq.csv')) == 4
+    assert not (out / 'predictions_spaq.csv').exists()
+
+
 def test_logistic_plcc_recovers_a_monotonic_link():
     rng = np.random.default_rng(0)
     pred = rng.uniform(-3, 3, 200)

@@ -7,6 +7,11 @@ real trainer takes minutes on a CPU, and the on-disk layout is what matters here
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -62,3 +67,60 @@ def test_predict_takes_the_resize_of_the_training_config(workdir, tmp_path, caps
                          '--batch-size', '4', '--no-progress']) == 0
     err = capsys.readouterr().err
     assert "resize 256x320" in err and "training config" in err
+
+
+def _broken_copy(ckpt, path):
+    """A copy of model checkpoint `ckpt` with every parameter data file cut to 10 bytes."""
+    shutil.copytree(ckpt, path)
+    for data in (path / 'params' / 'ocdbt.process_0' / 'd').iterdir():
+        os.truncate(data, 10)
+    return path
+
+
+def test_a_corrupted_checkpoint_is_named_in_one_line(ckpt, tmp_path, capsys):
+    broken = _broken_copy(ckpt, tmp_path / 'broken')
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f'^{broken}: the parameters in params/ are unreadable'):
+        checkpoint.load(broken)
+    assert convert.main(['to-pytorch', str(broken), '--out', str(tmp_path / 'x.pth')]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: {broken}: the parameters') and '\n' not in err
+    assert not (tmp_path / 'x.pth').exists()
+    # A command of its own: orbax's abandoned reads report after the error, at exit.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+           'PYTHONPATH': repo + os.pathsep + os.environ.get('PYTHONPATH', '')}
+    image = fixtures.write_image(str(tmp_path / 'a.png'), size=(64, 64))
+    run = subprocess.run([sys.executable, '-m', 'smartiqa_jax.predict', '--checkpoint',
+                          str(broken), image, '--no-progress'],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f'error: --checkpoint {broken}: {broken}: the parameters in params/ are unreadable '
+        f'(corrupt or truncated?): {run.stderr.split("truncated?): ", 1)[-1].strip()}']
+
+
+def test_parameters_of_another_model_are_named(ckpt, tmp_path):
+    mixed = tmp_path / 'mixed'
+    checkpoint.save_model(mixed, SmartIQA(ModelConfig('pico', 'attention'), rngs=nnx.Rngs(0)))
+    shutil.rmtree(mixed / 'params')
+    shutil.copytree(os.path.join(ckpt, 'params'), mixed / 'params')   # nano's
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf'^{mixed}: the parameters in params/ are not those of the model '
+                             r'its model_config/ describes \(SMART-IQA pico/attention\): '
+                             r'\d+ not in the model \(e.g. backbone/layers/2/blocks/1/'):
+        checkpoint.load(mixed)
+
+
+def test_a_bad_best_step_file_and_a_missing_file_are_named(ckpt, tmp_path):
+    shutil.copytree(ckpt, tmp_path / 'checkpoints' / '4')
+    best = tmp_path / 'checkpoints' / 'best_step'
+    best.write_text('')
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"^{best}: expected a step number, found ''"):
+        checkpoint.find_checkpoint(tmp_path)
+    best.write_text('4\n')
+    assert checkpoint.find_checkpoint(tmp_path) == tmp_path / 'checkpoints' / '4'
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f'^{tmp_path / "nope.pth"}: no such file or checkpoint directory$'):
+        checkpoint.load(tmp_path / 'nope.pth')

@@ -138,12 +138,14 @@ def _assemble(rows: Iterable[_Row], *, dataset: str, images_dir: str,
             continue
         scored.append((number, row, score))
     scored = quality.drop_duplicates(scored, lambda e: e[1].name, report, row_of=lambda e: e[0])
+    # Split values and their names are matched whatever their case ('Train', 'TEST').
+    names = {str(k).strip().lower(): v for k, v in (split_names or {}).items()}
     listed = []   # (row, score, split named by the metadata or None)
     for _, row, score in scored:
         split = None
         if row.split is not None:
-            key = str(row.split).strip()
-            split = (split_names or {}).get(key, SPLIT_ALIASES.get(key, key))
+            key = str(row.split).strip().lower()
+            split = names.get(key, SPLIT_ALIASES.get(key, key))
             if split not in SPLITS:
                 report.exclude(row.name, f'unknown split {row.split!r}')
                 continue
@@ -192,6 +194,8 @@ def _find(root: str, candidates: Sequence[str], what: str) -> str:
 
 def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
     """CSV rows as dicts; DataError naming the file when a column is missing."""
+    if os.path.isdir(path):
+        raise quality.DataError(f'{path}: a folder; a CSV file is expected')
     try:
         with open(path, newline='', encoding='utf-8-sig') as f:
             # A short row's missing fields read as '' (an empty score, an empty name:
@@ -201,7 +205,12 @@ def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
             reader.fieldnames = header
             missing = [c for c in required if c not in header]
             if missing:
-                raise quality.DataError(f'{path}: missing column(s) {missing}; header is {header}')
+                hint = next((f'; the file seems to separate its columns with {name}, and a '
+                             'comma-separated file is expected' for sep, name in
+                             ((';', 'semicolons'), ('\t', 'tabs'))
+                             if len(header) == 1 and sep in header[0]), '')
+                raise quality.DataError(
+                    f'{path}: missing column(s) {missing}; header is {header}{hint}')
             return list(reader)
     except UnicodeDecodeError as e:
         raise quality.DataError(f'{path}: not UTF-8 text ({e}); save the CSV as UTF-8') from None
@@ -383,10 +392,11 @@ def read_csv_folder(csv_path: str, images_dir: Optional[str] = None, *,
 
     images_dir defaults to the CSV's folder. With `split_column` the split
     comes from that column (values train/validation/test, or mapped through
-    `split_names`; training, val, valid and testing are understood without it);
+    `split_names`; training, val, valid and testing are understood without it; in
+    any case);
     otherwise a seeded split by
     `fractions`, keeping rows with the same `group_column` value together.
-    `score_range` (low, high) defaults to the min/max of the scores read.
+    `score_range` (low, high), low < high, defaults to the min/max of the scores read.
     """
     required = [image_column, score_column] + [c for c in (split_column, group_column) if c]
     table = _read_csv(csv_path, required)
@@ -394,6 +404,15 @@ def read_csv_folder(csv_path: str, images_dir: Optional[str] = None, *,
                  split=r[split_column] if split_column else None,
                  group=r[group_column].strip() if group_column else '') for r in table]
     images_dir = images_dir or os.path.dirname(os.path.abspath(csv_path))
+    if score_range is not None:
+        try:
+            low, high = (float(v) for v in score_range)
+        except (TypeError, ValueError):
+            raise quality.DataError(f'{csv_path}: score_range must be (low, high), '
+                                    f'got {score_range!r}') from None
+        if not low < high:
+            raise quality.DataError(f'{csv_path}: score_range {score_range!r} must have low < '
+                                    'high (higher_is_better gives the direction)')
     if score_range is None:
         values = [v for v in (quality.parse_score(r.score)[0] for r in rows) if v is not None]
         score_range = (min(values), max(values)) if values else (0.0, 1.0)
