@@ -158,8 +158,12 @@ def training_config(directory: str | os.PathLike) -> dict:
     if not (directory / 'config').is_dir():
         return {}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        config = checkpointer.restore(directory, ocp.args.Composite(
-            config=ocp.args.JsonRestore()))['config']
+        try:
+            config = checkpointer.restore(directory, ocp.args.Composite(
+                config=ocp.args.JsonRestore()))['config']
+        except Exception as e:   # orbax raises many types, with pages of detail
+            raise CheckpointError(f'{directory}: config/ is unreadable (corrupt or '
+                                  f'truncated?): {_first_line(e)}') from None
     return config or {}
 
 

@@ -645,15 +645,19 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
         directory = checkpoint.resolve(args.checkpoint)   # or a released .pth/.safetensors
     except checkpoint.CheckpointError as e:
         raise UsageError(f'--checkpoint: {e}') from None
-    if args.resize is None:
-        found, stored = checkpoint_resize(directory)
-        resize = stored if found else preprocess.KONIQ_RESIZE
-        source = 'from the checkpoint\'s training config' if found else 'KonIQ protocol'
-    else:
-        resize, source = parse_resize(args.resize), 'from --resize'
-    jpeg_aligned = args.jpeg_aligned_crops
-    if jpeg_aligned is None:
-        jpeg_aligned = bool(checkpoint_data_config(directory).get('jpeg_aligned_crops', False))
+    try:   # the checkpoint's training config, where it has one
+        if args.resize is None:
+            found, stored = checkpoint_resize(directory)
+            resize = stored if found else preprocess.KONIQ_RESIZE
+            source = 'from the checkpoint\'s training config' if found else 'KonIQ protocol'
+        else:
+            resize, source = parse_resize(args.resize), 'from --resize'
+        jpeg_aligned = args.jpeg_aligned_crops
+        if jpeg_aligned is None:
+            jpeg_aligned = bool(checkpoint_data_config(directory).get('jpeg_aligned_crops',
+                                                                      False))
+    except checkpoint.CheckpointError as e:
+        raise UsageError(f'--checkpoint {args.checkpoint}: {e}') from None
     prep = Preprocessing(resize=resize, crops=crops, crop_mode=args.crop_mode, seed=args.seed,
                          max_pixels=args.max_pixels, jpeg_aligned=jpeg_aligned)
     overrides = {'dtype': args.dtype} if args.dtype else {}

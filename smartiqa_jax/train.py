@@ -327,6 +327,8 @@ def load_init_model(config: ml_collections.ConfigDict):
         return checkpoint.load(path)
     except (checkpoint.CheckpointError, weights.WeightsError) as e:
         raise type(e)(f'config.model.init_from: {e}') from None
+    except ValueError as e:   # e.g. a model_config with keys of another version
+        raise ConfigError(f'config.model.init_from {path}: {e}') from None
 
 
 def adopt_architecture(config: ml_collections.ConfigDict, init_config) -> list[str]:

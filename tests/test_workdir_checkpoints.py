@@ -88,7 +88,7 @@ def test_a_corrupted_checkpoint_is_named_in_one_line(ckpt, tmp_path, capsys):
     assert not (tmp_path / 'x.pth').exists()
     # A command of its own: orbax's abandoned reads report after the error, at exit.
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'SMARTIQA_JAX_MALLOC': 'system',
            'PYTHONPATH': repo + os.pathsep + os.environ.get('PYTHONPATH', '')}
     image = fixtures.write_image(str(tmp_path / 'a.png'), size=(64, 64))
     run = subprocess.run([sys.executable, '-m', 'smartiqa_jax.predict', '--checkpoint',
@@ -124,3 +124,23 @@ def test_a_bad_best_step_file_and_a_missing_file_are_named(ckpt, tmp_path):
     with pytest.raises(checkpoint.CheckpointError,
                        match=f'^{tmp_path / "nope.pth"}: no such file or checkpoint directory$'):
         checkpoint.load(tmp_path / 'nope.pth')
+
+
+def test_an_unreadable_training_config_is_named_in_one_line(tmp_path, capsys):
+    from smartiqa_jax import predict
+    model_dir = tmp_path / 'model'
+    checkpoint.save_model(model_dir, SmartIQA(ModelConfig('pico'), rngs=nnx.Rngs(0)),
+                          training_config={'data': {'resize': [224, 224]}})
+    assert checkpoint.training_config(model_dir)['data']['resize'] == [224, 224]
+    files = [p for p in (model_dir / 'config').rglob('*') if p.is_file()]
+    assert files
+    for path in files:
+        path.write_bytes(b'{"trunc')
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=rf'^{model_dir}: config/ is unreadable \(corrupt or truncated\?\)'):
+        checkpoint.training_config(model_dir)
+    image = fixtures.write_image(str(tmp_path / 'a.png'), size=(64, 64))
+    assert predict.main(['--checkpoint', str(model_dir), image, '--no-progress']) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f'error: --checkpoint {model_dir}: {model_dir}: config/ is unreadable')
+    assert '\n' not in err
