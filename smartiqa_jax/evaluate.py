@@ -284,7 +284,8 @@ def make_output_dir(out_dir: str) -> None:
 
 def write_predictions(out_dir: str, key: str, result: dict) -> None:
     """predictions_<key>.csv: one row per image of a dataset's `evaluate_records` result."""
-    with open(os.path.join(out_dir, f'predictions_{key}.csv'), 'w', newline='') as f:
+    with open(os.path.join(out_dir, f'predictions_{key}.csv'), 'w', newline='',
+              errors='surrogateescape') as f:   # names as the file system gives them
         writer = csv.DictWriter(f, ['name', 'label'] + predict.COLUMNS)
         writer.writeheader()
         writer.writerows(result['rows'])
