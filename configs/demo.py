@@ -74,6 +74,13 @@ measured in full runs:
   test 0.782 / 0.779 / 0.775 (best val 0.68 / 0.67 / 0.69 at epochs 4 / 12 / 9; 6 min
   51 s, 6 min 55 s, 8 min 46 s) against 0.817 / 0.7997 / 0.737 with 10 epochs: 0.779
   over the three against 0.785. The seeds spread less, but the mean does not rise.
+- Not used (session 12): test-time averaging over the 8 symmetries the crops are trained
+  with (4 rotations x flip, each of the 4 crops), measured after the fact on session 11's
+  three models (seeds 0 / 1 / 2): test 0.824 / 0.796 / 0.771 against 0.817 / 0.800 / 0.738
+  (0.797 against 0.785 over the three), validation 0.677 / 0.720 / 0.671 against 0.681 /
+  0.713 / 0.642. It would cost 8x every evaluation pass (about 30 s more per epoch's
+  validation here, 5 minutes over the run) for +0.01 on average, and seed 1 stays under
+  0.80.
 
 Earlier: full 10-epoch runs of the session-6 config (patch norm, unaligned
 crops, one CPU device) with one change each (1310 steps of 16;
