@@ -24,7 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES, ModelConfig, SmartIQA
 
 PARAMS = 'params'
 MODEL_CONFIG = 'model_config'
@@ -209,6 +209,9 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
         if not isinstance(config_dict, dict):
             raise CheckpointError(f'{directory}: {MODEL_CONFIG}/ holds no model config')
         config_dict = {**config_dict, 'attention': 'auto'}
+        if config_dict.get('dtype') not in COMPUTE_DTYPES:
+            # Saved before dtypes were checked: anything but 'bfloat16' computed in float32.
+            config_dict['dtype'] = 'float32'
         config = ModelConfig.from_dict({**config_dict, **config_overrides})
         # Shapes only: every value is about to be overwritten by the checkpoint's.
         model = nnx.eval_shape(lambda: SmartIQA(config, rngs=nnx.Rngs(0)))
@@ -272,42 +275,73 @@ def _mismatch(directory: Path, abstract: dict) -> str:
     return '; '.join(p for p in parts if p)
 
 
+# Checkpoint directories being restored, or whose restore failed and left reads behind
+# (`_quiet_abandoned_reads`); the report filters act only while it is not empty.
+_ABANDONED: set[str] = set()
+
+
 @contextlib.contextmanager
 def _quiet_abandoned_reads(directory: Path):
-    """Drops the reports of the reads a failed restore abandons.
+    """Drops the reports of the reads a failed restore of `directory` abandons.
 
     Orbax reads every array at once; when one read fails it closes its event loop with
     the others still running, and each of those then reports a traceback of pages: into
-    the closed loop, or when its coroutine or task is garbage collected. The
-    CheckpointError says what was wrong, so after a failure those reports are dropped.
+    the closed loop (through sys.excepthook or sys.unraisablehook, from tensorstore's
+    callbacks, as soon as the first read fails), or when its coroutine or task is garbage
+    collected. The CheckpointError says what was wrong, so from the restore on, and after
+    it fails, the reports of orbax's reads are dropped; any other report goes through.
+    The filters are installed once per process and act only then.
     """
-    where = str(directory)
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        if not _abandoned_read(where, unraisable.exc_value):
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    _install_abandoned_read_filters()
+    _ABANDONED.add(str(directory))
     try:
         yield
     except BaseException:
-        # The hook stays: the abandoned reads finish after the restore has returned.
-        logging.getLogger('asyncio').addFilter(lambda record: not (
-            'exception was never retrieved' in record.getMessage() and _abandoned_read(
-                where, record.exc_info[1] if record.exc_info else None, record.getMessage())))
-        warnings.filterwarnings(
-            'ignore', "coroutine '_read_array_index_and_device_put' was never awaited",
-            RuntimeWarning)
-        raise
-    if sys.unraisablehook is hook:
-        sys.unraisablehook = previous
+        raise   # the abandoned reads finish after the restore has returned: keep filtering
+    _ABANDONED.discard(str(directory))
 
 
-def _abandoned_read(directory: str, error: BaseException | None, message: str = '') -> bool:
-    """Whether `error` (and `message`) report an abandoned read of `directory`."""
-    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
-        return True   # a read that finished after its event loop was closed
+_FILTERS_INSTALLED = []
+
+
+def _install_abandoned_read_filters() -> None:
+    if _FILTERS_INSTALLED:
+        return
+    _FILTERS_INSTALLED.append(True)
+    previous_unraisablehook, previous_excepthook = sys.unraisablehook, sys.excepthook
+
+    def unraisablehook(unraisable):
+        if not _abandoned_read(unraisable.exc_value, repr(unraisable.object),
+                               from_native_callback=unraisable.object is None):
+            previous_unraisablehook(unraisable)
+
+    def excepthook(kind, error, tb):
+        if not _abandoned_read(error, from_native_callback=True):
+            previous_excepthook(kind, error, tb)
+
+    sys.unraisablehook, sys.excepthook = unraisablehook, excepthook
+    logging.getLogger('asyncio').addFilter(lambda record: not (
+        'exception was never retrieved' in record.getMessage() and _abandoned_read(
+            record.exc_info[1] if record.exc_info else None, record.getMessage())))
+    warnings.filterwarnings(
+        'ignore', "coroutine '_read_array_index_and_device_put' was never awaited",
+        RuntimeWarning)
+
+
+def _abandoned_read(error: BaseException | None, message: str = '', *,
+                    from_native_callback: bool = False) -> bool:
+    """Whether `error` (and `message`) report a read that a failed restore abandoned."""
+    if not _ABANDONED:
+        return False
     if error is not None:
         message += ''.join(traceback.format_exception(error))
-    return directory in message
+    if any(directory in message for directory in _ABANDONED):
+        return True
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+        return False
+    # A read that finished after orbax closed its event loop: reported with orbax's frames,
+    # or, from tensorstore's native completion callback, with no object and only the
+    # loop's call_soon_threadsafe on the stack.
+    frames = traceback.extract_tb(error.__traceback__)
+    return ('orbax' in message or 'tensorstore' in message or (
+        from_native_callback and bool(frames) and frames[0].name == 'call_soon_threadsafe'))

@@ -21,7 +21,7 @@ Dataset roots: `--<name>-root DIR`, or `--data-root DIR` holding one folder per 
 tried). A dataset that is not found stops the run before the model is loaded, with the
 paths that were tried.
 
-Written to --output-dir (default: evaluation/<checkpoint folder name>, created before
+Written to --output-dir (default: evaluation/<the --checkpoint's name>, created before
 anything is scored): table3.md, table3.csv, results.json and predictions_<dataset>.csv
 (one row per image: label, prediction, stage weights, error; each written as soon as
 its dataset is scored). Exit status: 0 done (images that could not be
@@ -152,18 +152,57 @@ def find_root(key: str, explicit: Optional[str], data_root: Optional[str]) -> st
                      f'(or pass --{key}-root DIR)')
 
 
-def csv_options(args: argparse.Namespace) -> dict:
-    """data.read_csv_folder's keyword arguments from the --csv-* flags."""
-    options = dict(image_column=args.csv_image_column, score_column=args.csv_score_column,
-                   split_column=args.csv_split_column, group_column=args.csv_group_column,
-                   images_dir=args.csv_images_dir, seed=args.csv_split_seed)
-    if args.csv_score_range:
+# read_csv_folder's keyword -> (--csv-* flag's attribute, default when neither the flag
+# nor the checkpoint's training run gives it).
+CSV_FLAGS = {'image_column': ('csv_image_column', 'image'),
+             'score_column': ('csv_score_column', 'score'),
+             'split_column': ('csv_split_column', None),
+             'group_column': ('csv_group_column', None),
+             'images_dir': ('csv_images_dir', None),
+             'score_range': ('csv_score_range', None),
+             'seed': ('csv_split_seed', 0)}
+
+
+def csv_options(args: argparse.Namespace, trained: Optional[dict] = None) -> dict:
+    """data.read_csv_folder's keyword arguments: the --csv-* flags given, else `trained`'s
+    (the CSV settings of the run that trained the checkpoint, `trained_split_options`),
+    else the defaults."""
+    trained = trained or {}
+    options = {}
+    for option, (attribute, default) in CSV_FLAGS.items():
+        value = getattr(args, attribute)
+        options[option] = value if value is not None else trained.get(option, default)
+    if isinstance(options['score_range'], str):
         try:
-            low, high = (float(v) for v in args.csv_score_range.split(','))
+            low, high = (float(v) for v in options['score_range'].split(','))
         except ValueError:
             raise UsageError(f'--csv-score-range takes LOW,HIGH, got {args.csv_score_range!r}') \
                 from None
         options['score_range'] = (low, high)
+    if 'higher_is_better' in trained:
+        options['higher_is_better'] = trained['higher_is_better']
+    return options
+
+
+def trained_split_options(training_config: dict, key: str, root: str) -> Optional[dict]:
+    """The split settings of the run that trained the checkpoint, if it trained on dataset
+    `key` (for a CSV: one of the same file name): its seed, and a CSV's columns. Testing
+    with them keeps the test split the run never trained on. None otherwise."""
+    data = training_config.get('data') or {}
+    if data.get('dataset') != DATASETS[key].reader:
+        return None
+    if key != 'csv':
+        return {'seed': int(data.get('split_seed') or 0)} if DATASETS[key].reader != 'koniq10k' \
+            else {}
+    if os.path.basename(str(data.get('root', ''))) != os.path.basename(root):
+        return None
+    csv = data.get('csv') or {}
+    options = {'seed': int(data.get('split_seed') or 0)}
+    for option in ('image_column', 'score_column', 'split_column', 'group_column',
+                   'images_dir', 'score_range', 'higher_is_better'):
+        value = csv.get(option)
+        if value not in (None, '', [], ()):
+            options[option] = tuple(value) if option == 'score_range' else value
     return options
 
 
@@ -212,11 +251,12 @@ def evaluate_records(scorer: predict.Scorer, records, prep: predict.Preprocessin
     rows, pred, target = [], [], []
     for record, result in zip(records, results):
         rows.append({'name': record.name, 'label': record.score, **result.row()})
-        if not result.error:
+        if result.error:
+            print(f'warning: {result.path}: {result.error}', file=sys.stderr)
+        # Left out only when unscored (not decodable); a NaN score makes the metrics NaN.
+        if result.score is not None:
             pred.append(result.score)
             target.append(record.score)
-        else:
-            print(f'warning: {result.path}: {result.error}', file=sys.stderr)
     metrics = dataset_metrics(np.array(pred), np.array(target))
     return {'n_images': len(pred), 'n_failed': len(records) - len(pred), 'metrics': metrics,
             'rows': rows}
@@ -269,6 +309,17 @@ def _nan_to_none(tree):
     if isinstance(tree, float) and not math.isfinite(tree):
         return None
     return tree
+
+
+def output_name(checkpoint_arg: str) -> str:
+    """The default output folder's name: the --checkpoint given (a workdir's, a model
+    folder's or a file's name; a step folder as <workdir>_step<N>)."""
+    path = Path(os.path.abspath(os.path.expanduser(checkpoint_arg)))
+    if path.name.isdigit() and path.parent.name == 'checkpoints':
+        return f'{path.parent.parent.name}_step{path.name}'
+    if path.name == 'model':   # a calibrated run's model/: the run's name
+        return path.parent.name
+    return path.stem if path.suffix in ('.pth', '.pt', '.safetensors') else path.name
 
 
 def make_output_dir(out_dir: str) -> None:
@@ -334,8 +385,10 @@ def _parser() -> argparse.ArgumentParser:
         'validation|val|valid, test|testing; without a split column, a seeded '
         '0.7/0.1/0.2 split (--split all takes every row).')
     csv_flags.add_argument('--csv-root', default=None, metavar='FILE', help='the CSV file')
-    csv_flags.add_argument('--csv-image-column', default='image')
-    csv_flags.add_argument('--csv-score-column', default='score')
+    csv_flags.add_argument('--csv-image-column', default=None,
+                           help='default: the training run\'s for its CSV, else image')
+    csv_flags.add_argument('--csv-score-column', default=None,
+                           help='default: the training run\'s for its CSV, else score')
     csv_flags.add_argument('--csv-split-column', default=None)
     csv_flags.add_argument('--csv-group-column', default=None,
                            help='rows with the same value stay in one split (seeded split)')
@@ -343,13 +396,14 @@ def _parser() -> argparse.ArgumentParser:
                            help="image paths are relative to it (default: the CSV's folder)")
     csv_flags.add_argument('--csv-score-range', default=None, metavar='LOW,HIGH',
                            help="the labels' scale (default: their min and max)")
-    csv_flags.add_argument('--csv-split-seed', type=int, default=0)
+    csv_flags.add_argument('--csv-split-seed', type=int, default=None,
+                           help='default: the training run\'s for its CSV, else 0')
     parser.add_argument('--split', default='test', choices=SPLIT_CHOICES,
                         help='split to test on (default test; all = every image of the dataset)')
     parser.add_argument('--logistic', action='store_true',
                         help='add a Table III row of PLCC after a 4-parameter logistic fit')
     parser.add_argument('--output-dir', default=None,
-                        help='where the tables go (default: evaluation/<checkpoint name>)')
+                        help='where the tables go (default: evaluation/<the --checkpoint\'s name>)')
     parser.add_argument('--no-progress', action='store_true')
     return parser
 
@@ -364,12 +418,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not keys:
             raise UsageError('--datasets is empty')
         roots = {k: find_root(k, getattr(args, f'{k}_root'), args.data_root) for k in keys}
-        records = {k: read_records(k, roots[k], args.split,
-                                   csv_options(args) if k == 'csv' else None) for k in keys}
+        try:   # a training workdir's model: its own split settings, where they apply
+            from smartiqa_jax import checkpoint
+            training_config = checkpoint.training_config(checkpoint.resolve(args.checkpoint))
+        except checkpoint.CheckpointError:
+            training_config = {}   # load_for_scoring below says what is wrong
+        records = {}
+        for k in keys:
+            trained = trained_split_options(training_config, k, roots[k])
+            if trained is not None and args.split != 'all':
+                settings = ', '.join(f'{o}={v!r}' for o, v in trained.items())
+                print(f'{DATASETS[k].title}: the {args.split} split as the checkpoint\'s '
+                      f'training run made it ({settings or "the official split"}; flags '
+                      'given override these)', file=sys.stderr)
+            options = csv_options(args, trained) if k == 'csv' else trained
+            records[k] = read_records(k, roots[k], args.split, options)
         if args.output_dir:
             make_output_dir(args.output_dir)   # before the model is loaded
         model, prep, directory = predict.load_for_scoring(args)
-        out_dir = args.output_dir or os.path.join('evaluation', Path(directory).name)
+        out_dir = args.output_dir or os.path.join('evaluation', output_name(args.checkpoint))
         make_output_dir(out_dir)
         scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size)
     except UsageError as e:

@@ -47,6 +47,7 @@ import glob
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import tempfile
@@ -418,11 +419,13 @@ class Result:
     stage_weights: Optional[np.ndarray] = None
     error: str = ''
 
-    def row(self) -> dict[str, Any]:
-        """The output row: COLUMNS -> value ('' where there is none)."""
-        weights = ([''] * STAGES if self.stage_weights is None
+    def row(self, missing: Any = '') -> dict[str, Any]:
+        """The output row: COLUMNS -> value (`missing` where there is none, and for a
+        non-finite score, which comes with an error)."""
+        weights = ([missing] * STAGES if self.stage_weights is None
                    else [float(w) for w in self.stage_weights])
-        row = {'path': self.path, 'score': '' if self.score is None else float(self.score)}
+        scored = self.score is not None and math.isfinite(self.score)
+        row = {'path': self.path, 'score': float(self.score) if scored else missing}
         row.update({f'weight_stage{i + 1}': w for i, w in enumerate(weights)})
         row['error'] = self.error
         return row
@@ -460,12 +463,11 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
     def run_batch() -> list[Result]:
         out = scorer(np.stack(crops))
         for i, result in enumerate(slots):
-            score = float(out['score'][i])
-            if not np.isfinite(score):
+            result.score = score = float(out['score'][i])
+            if not np.isfinite(score):   # kept in `score`: evaluate's metrics become NaN
                 result.error = (f'the model gave a non-finite score ({score}): the checkpoint '
                                 'is diverged or broken')
                 continue
-            result.score = score
             if out['stage_weights'] is not None:
                 result.stage_weights = out['stage_weights'][i]
         done = list(pending)
@@ -557,7 +559,7 @@ class RowWriter:
         os.replace(tmp, self.path)
 
     def write(self, results: Iterable[Result]) -> None:
-        rows = [r.row() for r in results]
+        rows = [r.row(missing='' if self.format == 'csv' else None) for r in results]
         if self.format == 'json':
             self._rows.extend(rows)
             self._rewrite()

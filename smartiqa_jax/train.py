@@ -956,12 +956,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.train.log_every_steps == 0 or end_of_epoch or checkpoint_now:
                 window = jax.device_get(window_metrics)
                 elapsed = time.perf_counter() - window_start
-                # Before anything from this window is saved: a checkpoint never holds
-                # parameters that a NaN or infinite loss has already reached.
+                # Before anything from this window is saved: no checkpoint follows a
+                # non-finite loss or holds parameters whose norm is no longer finite.
                 _check_finite(window, step, checkpoints)
                 values = {
                     'loss': float(np.mean([m['loss'] for m in window])),
                     'grad_norm': float(np.mean([m['grad_norm'] for m in window])),
+                    'param_norm': float(window[-1]['param_norm']),
                     'images_per_sec': len(window) * config.train.batch_size / elapsed,
                     **{f'lr_{g}': float(s(step - 1)) for g, s in schedules.items()},
                 }
@@ -1039,18 +1040,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _check_finite(window: Sequence[dict], step: int, checkpoints: TrainCheckpoints) -> None:
-    """Raises TrainingDivergedError if a loss of the steps that end at `step` is not finite."""
-    values = [float(m['loss']) for m in window]
-    bad = [i for i, loss in enumerate(values) if not np.isfinite(loss)]
-    if not bad:
+    """Raises TrainingDivergedError if a loss, or the norm of the parameters after a step,
+    of the steps that end at `step` is not finite. (A step's loss is computed before its
+    update, so the parameter norm is what catches an update that broke the parameters.)"""
+    bad = next(((i, key, float(m[key])) for i, m in enumerate(window)
+                for key in ('loss', 'param_norm') if not np.isfinite(float(m[key]))), None)
+    if bad is None:
         return
+    i, key, value = bad
+    what = 'the loss' if key == 'loss' else "the parameters' norm after it"
     checkpoints.wait()
     latest = checkpoints.latest_step()
     kept = (f'the latest checkpoint, step {latest}, is in {checkpoints.directory}'
             if latest is not None else 'no checkpoint was saved')
     raise TrainingDivergedError(
-        f'training diverged: the loss is {values[bad[0]]} at step '
-        f'{step - len(window) + bad[0] + 1}. Nothing from then on was saved; {kept}. '
+        f'training diverged: {what} is {value} at step {step - len(window) + i + 1}. '
+        f'Nothing from then on was saved; {kept}. '
         'Lower the learning rates (config.optim.backbone.lr, config.optim.head.lr), keep '
         'config.optim.grad_clip_norm on, or add warmup (config.optim.warmup_epochs), and '
         'start again in a new --workdir.')

@@ -105,26 +105,33 @@ class TrainCheckpoints:
         """manager.restore, with a CheckpointError naming the step and what else is kept."""
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:   # orbax's, tensorstore's, grain's: all say "unreadable" here
+        except Exception as e:   # orbax's, tensorstore's, grain's
             from smartiqa_jax.checkpoint import CheckpointError
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first_line = first_line if len(first_line) < 240 else first_line[:240] + '...'
+            if not _unreadable(e):   # e.g. grain: another data source than the saved one
+                raise CheckpointError(f'{self.directory}/{step} cannot be restored into this '
+                                      f'run: {first_line}') from e
             others = [s for s in self.all_steps() if s != step]
             what = (f'Steps {", ".join(map(str, others))} are also kept: move '
                     f'{self.directory}/{step} away to go on from step {max(others)}'
                     if others else 'No other step is kept: start again in a new --workdir')
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            first_line = first_line if len(first_line) < 240 else first_line[:240] + '...'
             raise CheckpointError(
                 f'{self.directory}/{step} cannot be restored (corrupt or truncated files?): '
                 f'{first_line}. {what}.') from e
 
     def stored_progress(self, step: int) -> dict:
-        """The progress item (JSON) saved with step `step`; {} if it has none."""
+        """The progress item (JSON) saved with step `step`; {} if it has none or it cannot
+        be read (`restore` then says what is wrong with the step)."""
         step_dir = os.path.join(self.directory, str(step))
         if not os.path.isdir(os.path.join(step_dir, 'progress')):
             return {}
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(step_dir, ocp.args.Composite(
-                progress=ocp.args.JsonRestore()))
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+                restored = checkpointer.restore(step_dir, ocp.args.Composite(
+                    progress=ocp.args.JsonRestore()))
+        except Exception:
+            return {}
         return restored['progress'] or {}
 
     def stored_config(self, step: int) -> dict:
@@ -173,3 +180,17 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _unreadable(error: BaseException) -> bool:
+    """Whether a restore failed on the files themselves (missing, cut short, not parseable)
+    rather than on what they hold."""
+    import json
+    while error is not None:
+        text = str(error)
+        if (isinstance(error, (OSError, json.JSONDecodeError, EOFError))
+                or any(code in text for code in ('OUT_OF_RANGE', 'DATA_LOSS', 'NOT_FOUND',
+                                                 'OCDBT', 'tensorstore'))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -48,7 +48,9 @@ def make_train_step(train_graphdef: nnx.GraphDef, tx: optax.GradientTransformati
 
     batch: {'image': (B, 224, 224, 3) float32 NHWC, 'score': (B,) float32
     labels}, a global batch sharded over the mesh's 'data' axis. metrics:
-    {'loss': scalar, 'grad_norm': scalar} (global-norm before clipping).
+    {'loss': scalar, 'grad_norm': scalar (global norm before clipping), 'param_norm':
+    scalar (global norm of the updated parameters: inf or NaN once they diverge, as a
+    square over 3.4e38 overflows float32)}.
     """
 
     def step_fn(state: TrainState, batch: dict[str, jax.Array]):
@@ -64,11 +66,12 @@ def make_train_step(train_graphdef: nnx.GraphDef, tx: optax.GradientTransformati
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+        return new_state, {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+                           'param_norm': optax.tree.norm(params)}
 
     replicated = sharding.replicated(mesh)
-    return jax.jit(step_fn, donate_argnums=(0,),
-                   out_shardings=(state_sharding, {'loss': replicated, 'grad_norm': replicated}))
+    metrics_sharding = dict.fromkeys(('loss', 'grad_norm', 'param_norm'), replicated)
+    return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, metrics_sharding))
 
 
 def make_eval_step(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):

@@ -163,3 +163,55 @@ def test_logistic_plcc_recovers_a_monotonic_link():
     assert math.isnan(evaluate.plcc_after_logistic(np.ones(10), target[:10]))
     # Predictions that fall as the labels rise keep the sign SRCC gives them.
     assert evaluate.plcc_after_logistic(-pred, target) == pytest.approx(-fitted, abs=1e-6)
+
+
+def test_a_training_runs_model_is_tested_on_the_split_that_run_made(ckpt, data_root, tmp_path,
+                                                                     capsys):
+    """A model whose training run read this CSV (its split column, columns, seed) or this
+    seeded dataset (its split seed): without flags, the test split is the one that run
+    held out; the flags given still win."""
+    from flax import nnx
+
+    from smartiqa_jax import checkpoint
+    from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+    fixtures.make_csv_folder(str(tmp_path / 'mine'), n=12)
+    own = tmp_path / 'mine' / 'my_labels.csv'
+    with open(own, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['file', 'mos', 'set'])
+        writer.writerows([f'images/img{i:03d}.png', i, ('test', 'train')[i % 2]]
+                         for i in range(12))
+    model = SmartIQA(ModelConfig('nano'), rngs=nnx.Rngs(0))
+    training = {'data': {'dataset': 'csv', 'root': '/moved/elsewhere/my_labels.csv',
+                         'split_seed': 3, 'csv': {'image_column': 'file', 'score_column': 'mos',
+                                                  'split_column': 'set', 'score_range': [0, 11]}}}
+    trained = checkpoint.save_model(tmp_path / 'trained', model, training_config=training)
+    out = tmp_path / 'eval'
+    assert evaluate.main(['--checkpoint', str(trained), '--datasets', 'csv', '--csv-root',
+                          str(own), '--output-dir', str(out), *FAST]) == 0
+    assert "the test split as the checkpoint's training run made it" in capsys.readouterr().err
+    labels = sorted(float(r['label']) for r in _read_csv(out / 'predictions_csv.csv'))
+    assert labels == [0, 2, 4, 6, 8, 10]                 # the 'test' rows only
+    # A flag given wins: no split column, so a seeded 0.7/0.1/0.2 split of all 12.
+    assert evaluate.main(['--checkpoint', str(trained), '--datasets', 'csv', '--csv-root',
+                          str(own), '--csv-split-column', '', '--output-dir', str(out),
+                          *FAST]) == 0
+    assert len(_read_csv(out / 'predictions_csv.csv')) != 6
+    # SPAQ has no official split: the run's split seed picks its test images.
+    training = {'data': {'dataset': 'spaq', 'root': '/data/spaq', 'split_seed': 5}}
+    spaq_model = checkpoint.save_model(tmp_path / 'spaq', model, training_config=training)
+    names = {}
+    for label, path in (('run', spaq_model), ('plain', ckpt)):
+        assert evaluate.main(['--checkpoint', str(path), '--datasets', 'spaq', '--spaq-root',
+                              str(data_root / 'spaq'), '--output-dir', str(out), *FAST]) == 0
+        names[label] = {r['name'] for r in _read_csv(out / 'predictions_spaq.csv')}
+    from smartiqa_jax import data
+    expected = {r.name for r in data.load_splits('spaq', str(data_root / 'spaq'), seed=5)['test']}
+    assert names['run'] == expected != names['plain']
+
+
+def test_default_output_folders_of_different_checkpoints_differ():
+    assert evaluate.output_name('/w/run_a/checkpoints/3') == 'run_a_step3'
+    assert evaluate.output_name('/w/run_b/') == 'run_b'
+    assert evaluate.output_name('released/smart_iqa_koniq.pth') == 'smart_iqa_koniq'
+    assert evaluate.output_name('/w/run_a/model') == 'run_a'

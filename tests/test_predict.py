@@ -184,6 +184,25 @@ def test_a_non_finite_score_is_that_files_error(ckpt, folder, tmp_path, monkeypa
                               'diverged or broken')
     assert second['error'] == '' and np.isfinite(float(second['score']))
     assert 'scored 1 image, failed 1' in capsys.readouterr().err
+    # In JSON a missing value is null, not an empty string.
+    out = tmp_path / 'scores.json'
+    assert predict.main(['--checkpoint', ckpt, *good, '--output', str(out), *FAST]) == 1
+    first, second = json.loads(out.read_text())
+    assert first['score'] is None and first['weight_stage1'] is None and first['error']
+    assert isinstance(second['score'], float) and second['error'] == ''
+    # evaluate keeps the NaN: the metrics of a partly diverged model are NaN, not those of
+    # the images it still scores.
+    from smartiqa_jax import evaluate
+    from smartiqa_jax.data import ScoreScale
+    from smartiqa_jax.data.readers import Record
+    scale = ScoreScale('score', 0.0, 100.0, True)
+    records = [Record(str(folder / n), float(i), n, scale)
+               for i, n in enumerate(('photo.jpg', 'gray.png', 'photo.jpg', 'gray.png'))]
+    model, prep, _ = predict.load_for_scoring(predict._parser().parse_args(
+        ['--checkpoint', ckpt, 'x', *FAST]))
+    scorer = predict.Scorer(model, 2, prep.crops, prep.crop_size)
+    result = evaluate.evaluate_records(scorer, records, prep, progress=False)
+    assert result['n_images'] == 4 and np.isnan(result['metrics']['srcc'])
 
 
 def test_file_names_that_are_not_utf8_are_written_back_as_they_are(ckpt, folder, tmp_path):

@@ -10,7 +10,9 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from configs import smoke
 from smartiqa_jax import checkpoint, sharding, train
@@ -165,6 +167,10 @@ def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo
                                        'train_state', '**', 'd', '*'), recursive=True):
         with open(path, 'r+b') as f:
             f.truncate(10)
+    for path in glob.glob(os.path.join(workdir, 'checkpoints', str(all_steps[-1]),
+                                       'progress', '*')):
+        with open(path, 'w') as f:   # also read before the restore, for its fingerprint
+            f.write('{"trunc')
     with pytest.raises(checkpoint.CheckpointError,
                        match=rf'checkpoints/{all_steps[-1]} cannot be restored .*Steps '
                              rf'{", ".join(map(str, all_steps[:-1]))} are also kept: move .* '
@@ -241,19 +247,28 @@ def test_a_fresh_run_refuses_a_workdir_with_an_earlier_runs_model(tmp_path, demo
         train.train_and_evaluate(_config(demo_root), str(tmp_path / 'run'))
 
 
-def test_a_diverged_run_stops_and_saves_no_nan_checkpoint(tmp_path, demo_root):
-    """Learning rates of 1e30: the loss of the second step is no longer finite. The run
-    stops there, naming the step, before the checkpoint due at that step is written."""
-    config = _config(demo_root, optim__warmup_epochs=0.0)
-    config.optim.backbone.lr = config.optim.head.lr = 1e30
-    config.optim.backbone.min_lr = config.optim.head.min_lr = 1e30
+@pytest.mark.parametrize('lr, message', [
+    # Parameters of ~1e30 after the first update: their norm overflows float32.
+    (1e30, r"the parameters' norm after it is inf at step 1"),
+    # Parameters of ~1e15: finite norm, but the second step's loss is not.
+    (1e15, r'the loss is (nan|inf) at step 2'),
+])
+def test_a_diverged_run_stops_before_saving_what_diverged(lr, message, tmp_path, demo_root):
+    """A checkpoint is due after every step: the run stops, naming the step, before the
+    checkpoint of the step whose update broke the parameters is written."""
+    config = _config(demo_root, optim__warmup_epochs=0.0, train__checkpoint_every_steps=1)
+    config.optim.backbone.lr = config.optim.head.lr = lr
+    config.optim.backbone.min_lr = config.optim.head.min_lr = lr
     workdir = str(tmp_path / 'run')
     with pytest.raises(train.TrainingDivergedError,
-                       match=r'training diverged: the loss is (nan|inf) at step 2\. Nothing '
-                             r'from then on was saved; no checkpoint was saved\. Lower'):
+                       match=rf'training diverged: {message}\. Nothing from then on was '
+                             r'saved; .* Lower the learning rates'):
         train.train_and_evaluate(config, workdir)
-    assert not [name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
-                if name.isdigit()]
+    for step in os.listdir(os.path.join(workdir, 'checkpoints')):
+        if step.isdigit():
+            params = checkpoint.load(os.path.join(workdir, 'checkpoints', step))
+            norm = optax.tree.norm(nnx.state(params, nnx.Param))
+            assert np.isfinite(float(norm)), step
 
 
 def test_a_csv_that_is_there_but_unusable_is_not_called_missing(tmp_path, demo_root, no_data):

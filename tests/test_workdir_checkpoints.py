@@ -144,3 +144,50 @@ def test_an_unreadable_training_config_is_named_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f'error: --checkpoint {model_dir}: {model_dir}: config/ is unreadable')
     assert '\n' not in err
+
+
+def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch):
+    """After a failed restore, checkpoint._abandoned_read drops tensorstore's callbacks into
+    orbax's closed event loop and reports naming the checkpoint, and nothing else."""
+    import asyncio
+
+    def closed_loop_error():
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            loop.call_soon_threadsafe(print)
+        except RuntimeError as e:   # as a native caller sees it: the loop's frames only
+            return e.with_traceback(e.__traceback__.tb_next)
+
+    error = closed_loop_error()
+    monkeypatch.setattr(checkpoint, '_ABANDONED', set())
+    assert not checkpoint._abandoned_read(error, from_native_callback=True)   # no restore
+    checkpoint._ABANDONED.add('/ckpt/broken')
+    assert checkpoint._abandoned_read(error, from_native_callback=True)
+    # The same error from an object of someone else's, or another error: reported.
+    assert not checkpoint._abandoned_read(error, '<mine.Client object>')
+    assert not checkpoint._abandoned_read(RuntimeError('Event loop is closed'),
+                                          from_native_callback=True)
+    assert not checkpoint._abandoned_read(ValueError('x'), from_native_callback=True)
+    assert checkpoint._abandoned_read(ValueError('reading /ckpt/broken/params failed'))
+
+
+def test_a_checkpoint_with_a_dtype_from_before_dtypes_were_checked_loads_in_float32(
+        tmp_path):
+    """Before session 12 any dtype but 'bfloat16' was saved as given and computed in
+    float32 ('bf16', 'float16'): such checkpoints still load, as what they computed."""
+    import orbax.checkpoint as ocp
+    path = checkpoint.save_model(tmp_path / 'm', SmartIQA(ModelConfig('pico'),
+                                                          rngs=nnx.Rngs(0)))
+    config = checkpoint.load(path).config.to_dict()
+    config['label_range'] = list(config['label_range'])
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        c.save(tmp_path / 'old', ocp.args.Composite(
+            model_config=ocp.args.JsonSave({**config, 'dtype': 'bf16'})))
+    shutil.copytree(tmp_path / 'old' / 'model_config', path / 'model_config',
+                    dirs_exist_ok=True)
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        stored = c.restore(path, ocp.args.Composite(model_config=ocp.args.JsonRestore()))
+    assert stored['model_config']['dtype'] == 'bf16'
+    assert checkpoint.load(path).config.dtype == 'float32'
+
