@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _check_out(path: str, force: bool, checkpoint_dir: bool = False) -> None:
     """Refuses an existing --out without --force, and with it a folder that --out cannot
-    replace: anything but a model checkpoint for a checkpoint, any folder for a file."""
+    replace: anything but a model checkpoint or an empty folder for a checkpoint, any
+    folder for a file."""
     if not os.path.lexists(path):
         return
     if not force:
@@ -58,7 +59,7 @@ def _check_out(path: str, force: bool, checkpoint_dir: bool = False) -> None:
     from smartiqa_jax import checkpoint
     if not checkpoint_dir:
         raise FileExistsError(f'{path} is a folder; --out names the file to write')
-    if not checkpoint._is_model_dir(Path(path)):
+    if not checkpoint._is_model_dir(Path(path)) and os.listdir(path):
         raise FileExistsError(f'{path} is a folder that is not a model checkpoint; --force '
                               'overwrites only a model checkpoint or a file: choose another --out')
 

@@ -516,6 +516,7 @@ class RowWriter:
         self.path = path
         self.format = self.output_format(path)
         self._rows: list[dict] = []
+        self._restore_errors: Optional[str] = None
         self._file = None
         if self.format == 'json':
             self._rewrite()
@@ -527,6 +528,7 @@ class RowWriter:
                 if (getattr(self._file, 'errors', None) == 'strict'
                         and hasattr(self._file, 'reconfigure')):
                     self._file.reconfigure(errors='surrogateescape')
+                    self._restore_errors = 'strict'   # by close(): a notebook's stdout
             if self.format == 'csv':
                 self._csv = csv.DictWriter(self._file, COLUMNS)
                 self._csv.writeheader()
@@ -574,6 +576,9 @@ class RowWriter:
     def close(self) -> None:
         if self._file is not None and self.path:
             self._file.close()
+        elif self._restore_errors:
+            self._file.flush()
+            self._file.reconfigure(errors=self._restore_errors)
 
 
 # ----------------------------------------------------------------------------- command line

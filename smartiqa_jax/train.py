@@ -396,12 +396,14 @@ def score_scale_of(config, labels: Sequence[float]) -> float:
 
 
 def _build_params(config, model_config, mesh, *, mean_label: float, score_scale: float = 1.0,
-                  init=None):
+                  init=None, read_weights: bool = True):
     """Initial parameters: the model's init, then the config's backbone weights and score head.
 
     init: a whole model to start from instead (config.model.init_from, via
     load_init_model, with the architecture adopted): its parameters, with the
     scores mapped from its label range onto model_config's (label_range_map).
+    read_weights: False skips config.model.backbone_weights (a resumed run, whose
+    checkpoint then gives every parameter).
     """
     from smartiqa_jax.models.smartiqa import SmartIQA
     from smartiqa_jax.optim import SCORE_LAYERS
@@ -428,7 +430,7 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
             host.update(jax.device_get(params))
         return host
 
-    if config.model.backbone_weights:
+    if config.model.backbone_weights and read_weights:
         from smartiqa_jax import weights
         model = nnx.merge(eval_graphdef, jax.device_get(params))
         try:
@@ -685,9 +687,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         problems.append(f'data.dataset {d.dataset!r} is not one of {", ".join(datasets)}')
     try:
         for name, _ in _parse_cross_datasets(d.cross_datasets):
-            if name not in READERS:
+            if name not in datasets:
                 problems.append(f'data.cross_datasets: {name!r} is not one of '
-                                f'{", ".join(READERS)}')
+                                f'{", ".join(datasets)}')
     except ConfigError as e:
         problems.append(str(e).removeprefix('config.'))
     if d.crop_size != SWIN_INPUT_SIZE:
@@ -832,13 +834,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             sharding.local_batch_size(config.train[key], mesh)      # divisibility check
         except ValueError as e:
             raise ConfigError(f'config.train.{key}: {e}') from None
+    # Orbax's step folders are named by their step once complete.
+    checkpoint_dir = os.path.join(workdir, 'checkpoints')
+    saved_steps = sorted(int(name) for name in os.listdir(checkpoint_dir) if name.isdigit()) \
+        if os.path.isdir(checkpoint_dir) else []
+    resuming = bool(saved_steps)
     # The parameters before the input pipelines: a bad backbone weights file
     # fails at once, not after the training split has been decoded (data.cache).
-    init = load_init_model(config)
+    # A resumed run restores its own: the files it started from are not read again.
+    init = None if resuming else load_init_model(config)
     if init is not None:
         config = config.copy_and_resolve_references()   # the caller's config stays as given
         for note in adopt_architecture(config, init.config):
             say(f'Fine-tuning: {note}')
+    elif resuming and config.model.init_from:
+        # The architecture the run adopted from its model.init_from, as it saved it.
+        from smartiqa_jax.checkpoint import training_config
+        stored = training_config(os.path.join(checkpoint_dir, str(saved_steps[-1])))
+        stored = stored.get('model') or {}
+        config = config.copy_and_resolve_references()
+        for key in ARCHITECTURE_KEYS:
+            if key in stored:
+                config.model[key] = stored[key]
     model_config = model_config_from(config, splits['train'][0].scale)
     if init is not None:
         mapping = label_range_map(init.config.label_range, model_config.label_range)
@@ -850,7 +867,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mean_label = float(np.mean(train_labels))
     score_scale = score_scale_of(config, train_labels)
     train_graphdef, eval_graphdef, params = _build_params(
-        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale, init=init)
+        config, model_config, mesh, mean_label=mean_label, score_scale=score_scale, init=init,
+        read_weights=not resuming)
 
     # Whether the workdir's run can go on with this config, before any data is decoded.
     _, shards_here = shard_layout(config.data, config.train.batch_size)
@@ -1048,13 +1066,15 @@ def _check_finite(window: Sequence[dict], step: int, checkpoints: TrainCheckpoin
     if bad is None:
         return
     i, key, value = bad
-    what = 'the loss' if key == 'loss' else "the parameters' norm after it"
+    where = (f'the loss is {value} at step {step - len(window) + i + 1}' if key == 'loss' else
+             f"the parameters' norm is {value} after step {step - len(window) + i + 1}")
     checkpoints.wait()
     latest = checkpoints.latest_step()
+    checkpoints.close()   # the run ends here: no save may still be pending at exit
     kept = (f'the latest checkpoint, step {latest}, is in {checkpoints.directory}'
             if latest is not None else 'no checkpoint was saved')
     raise TrainingDivergedError(
-        f'training diverged: {what} is {value} at step {step - len(window) + i + 1}. '
+        f'training diverged: {where}. '
         f'Nothing from then on was saved; {kept}. '
         'Lower the learning rates (config.optim.backbone.lr, config.optim.head.lr), keep '
         'config.optim.grad_clip_norm on, or add warmup (config.optim.warmup_epochs), and '

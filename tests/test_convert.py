@@ -83,7 +83,7 @@ def test_usage_errors_exit_2(argv, capsys):
         assert '--out y.npz: must end in .pth, .pt, .safetensors' in capsys.readouterr().err
 
 
-def test_force_replaces_only_a_model_checkpoint_or_a_file(ckpt, tmp_path, capsys):
+def test_force_replaces_only_a_model_checkpoint_an_empty_folder_or_a_file(ckpt, tmp_path, capsys):
     photos = tmp_path / 'photos'
     photos.mkdir()
     (photos / 'a.jpg').write_bytes(b'a photo')
@@ -101,7 +101,8 @@ def test_force_replaces_only_a_model_checkpoint_or_a_file(ckpt, tmp_path, capsys
     old = tmp_path / 'old'
     checkpoint.save_model(old, SmartIQA(ModelConfig('pico', 'backbone'), rngs=nnx.Rngs(0)))
     (tmp_path / 'notes.txt').write_text('a file')
-    for out in (old, tmp_path / 'notes.txt'):
+    (tmp_path / 'empty').mkdir()
+    for out in (old, tmp_path / 'notes.txt', tmp_path / 'empty'):
         assert convert.main(['from-pytorch', str(exported), '--out', str(out), '--force']) == 0
         assert smartiqa_jax.load(out).config.variant == 'nano'
 

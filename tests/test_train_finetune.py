@@ -165,6 +165,14 @@ def test_fine_tuning_starts_from_the_checkpoint_mapped_onto_the_new_label_range(
     assert (tuned.config.label_name, tuned.config.label_range) == ('csv mos', (1.0, 5.0))
     assert config.model.variant == 'pico'
 
+    # Resuming (here the finished run: its test again) reads its own checkpoint, not the
+    # file it started from, which may have moved; and it does not say "Fine-tuning".
+    config.model.init_from = str(tmp_path / 'moved_away')
+    again = train.train_and_evaluate(config, str(workdir))
+    out = capsys.readouterr().out
+    assert 'Fine-tuning' not in out and 'Resumed from step 1' in out
+    assert again['results']['test']['srcc'] == pytest.approx(summary['results']['test']['srcc'])
+
 
 def test_init_from_a_released_pytorch_file(ckpt, tmp_path, demo_root):
     source = checkpoint.load(ckpt)

@@ -249,7 +249,7 @@ def test_a_fresh_run_refuses_a_workdir_with_an_earlier_runs_model(tmp_path, demo
 
 @pytest.mark.parametrize('lr, message', [
     # Parameters of ~1e30 after the first update: their norm overflows float32.
-    (1e30, r"the parameters' norm after it is inf at step 1"),
+    (1e30, r"the parameters' norm is inf after step 1"),
     # Parameters of ~1e15: finite norm, but the second step's loss is not.
     (1e15, r'the loss is (nan|inf) at step 2'),
 ])
