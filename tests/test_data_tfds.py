@@ -101,3 +101,17 @@ def test_csv_command_line_takes_every_csv_setting_and_reports_bad_data(tmp_path,
     assert len(split_of) == 12
     for i in range(0, 12, 2):
         assert split_of[f'photos/p{i:02d}.png'] == split_of[f'photos/p{i + 1:02d}.png']
+    capsys.readouterr()
+    # An edited CSV: the build there is reused, and says so; --overwrite builds it again.
+    fx.write_csv(str(manual / 'mine.csv'), ['file', 'mos', 'scene'], rows[:6])
+    settings = ['--name', 'mine', '--images_subdir', 'pics', '--image_column', 'file',
+                '--score_column', 'mos']
+    assert tfds_builders.main(common + settings) == 0
+    out = capsys.readouterr().out
+    assert 'is already built at' in out and 'reused as it is (--overwrite' in out
+    assert tfds_builders.main(common + settings + ['--overwrite']) == 0
+    assert 'built smartiqa_csv_folder at' in capsys.readouterr().out
+    source = tfds_builders.open_source(os.path.join(data_dir, version), 'train')
+    counts = [len(tfds_builders.open_source(os.path.join(data_dir, version), split))
+              for split in ('train', 'validation', 'test')]
+    assert sum(counts) == 6 and len(source) == counts[0]

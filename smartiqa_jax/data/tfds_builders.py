@@ -161,20 +161,31 @@ BUILDERS = {
 
 
 def build(dataset: str, manual_dir: str, data_dir: str, *, config: Any = None,
-          strict: bool = False) -> tfds.core.DatasetBuilder:
+          strict: bool = False, overwrite: bool = False) -> tfds.core.DatasetBuilder:
     """Builds `dataset` from `manual_dir` into array_record files under `data_dir`.
 
     `config` is a builder config name ('mos' for KonIQ MOS 1..5) or, for
-    'csv', a CsvFolderConfig. A dataset already built there is reused.
-    Returns the builder; read it with `open_source(builder, split)`.
+    'csv', a CsvFolderConfig. A dataset already built there is reused as it is
+    (`already_built` tells beforehand), unless `overwrite`: then it is built again,
+    e.g. from an edited CSV. Returns the builder; read it with `open_source(builder,
+    split)`.
     """
     if dataset not in BUILDERS:
         raise ValueError(f'unknown dataset {dataset!r}; known: {sorted(BUILDERS)}')
     builder = BUILDERS[dataset](data_dir=data_dir, config=config, strict=strict,
                                 file_format='array_record')
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+            else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, download_mode=mode))
     return builder
+
+
+def already_built(dataset: str, data_dir: str, *, config: Any = None) -> Optional[str]:
+    """The folder of `dataset` (with `config`) already built under `data_dir`, or None."""
+    builder = BUILDERS[dataset](data_dir=data_dir, config=config, file_format='array_record')
+    done = os.path.isfile(os.path.join(builder.data_dir, 'dataset_info.json'))
+    return builder.data_dir if done else None
 
 
 def open_source(builder_or_dir: Any, split: str) -> Any:
@@ -206,6 +217,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--data_dir', default=os.path.expanduser('~/tensorflow_datasets'))
     parser.add_argument('--config', default=None, help="KonIQ: 'mos_zscore' (default) or 'mos'")
     parser.add_argument('--strict', action='store_true', help='fail on the first bad entry')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='build again where this dataset is already built (e.g. an edited CSV)')
     csv = parser.add_argument_group('csv', 'your own CSV + image folder (CsvFolderConfig)')
     csv.add_argument('--csv_name', default='labels.csv', help='the CSV file in manual_dir')
     csv.add_argument('--images_subdir', default='',
@@ -231,14 +244,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             split_column=args.split_column, group_column=args.group_column, seed=args.seed,
             score_range=tuple(args.score_range) if args.score_range else None,
             higher_is_better=not args.lower_is_better)
+    existing = None if args.overwrite else already_built(args.dataset, args.data_dir,
+                                                         config=config)
     try:
         builder = build(args.dataset, args.manual_dir, args.data_dir, config=config,
-                        strict=args.strict)
+                        strict=args.strict, overwrite=args.overwrite)
     except (quality.DataError, FileNotFoundError) as e:
         print(f'tfds_builders: {e}', file=sys.stderr)
         return 1
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
-    print(f'built {builder.name} at {builder.data_dir}: {splits}')
+    if existing:
+        print(f'{builder.name} is already built at {builder.data_dir}: {splits}; reused as it '
+              'is (--overwrite builds it again from manual_dir)')
+    else:
+        print(f'built {builder.name} at {builder.data_dir}: {splits}')
     return 0
 
 
