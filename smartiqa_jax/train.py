@@ -869,6 +869,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_graphdef, eval_graphdef, params = _build_params(
         config, model_config, mesh, mean_label=mean_label, score_scale=score_scale, init=init,
         read_weights=not resuming)
+    if config.model.backbone_weights and not resuming:
+        say(f'Swin-{model_config.variant} backbone weights from '
+            f'{_expand(config.model.backbone_weights)} (every key matched)')
 
     # Whether the workdir's run can go on with this config, before any data is decoded.
     _, shards_here = shard_layout(config.data, config.train.batch_size)

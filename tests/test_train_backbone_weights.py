@@ -54,7 +54,8 @@ def _leaves(tree, prefix=()):
         yield prefix, np.asarray(tree)
 
 
-def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files, monkeypatch):
+def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files, monkeypatch,
+                                                capsys):
     seen = {}
     build_params, make_train_step = train._build_params, train.train_state.make_train_step
 
@@ -78,6 +79,7 @@ def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files,
     summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert summary['steps'] == 1 and np.isfinite(summary['history'][0]['train_loss'])
     assert seen['step'] == 0
+    assert f"Swin-nano backbone weights from {swin_files['nano']}" in capsys.readouterr().out
     start = seen['params']
 
     # Every backbone parameter is the file's tensor, exactly (in the JAX layout).
