@@ -116,7 +116,11 @@ def load_splits(dataset: str, root: str, *, seed: int = 0,
             problem = str(e)
         except data.DataError as e:
             if 'not found' not in str(e):   # there, but unusable: say what is wrong with it
-                raise data.DataError(f'dataset {dataset!r} in {root} ({setting}): {e}') from None
+                hint = (' (config.data.csv.image_column, score_column, split_column and '
+                        'group_column name the columns)'
+                        if dataset == 'csv' and 'missing column' in str(e) else '')
+                raise data.DataError(f'dataset {dataset!r} in {root} ({setting}): {e}{hint}') \
+                    from None
             problem = str(e)
     raise DatasetNotFoundError(
         f'Dataset {dataset!r} not found: looked in {root or "(no path)"} '

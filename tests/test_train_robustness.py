@@ -284,3 +284,4 @@ def test_a_csv_that_is_there_but_unusable_is_not_called_missing(tmp_path, demo_r
                                               rf".*missing column\(s\) \['score'\]") as e:
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert 'not found' not in str(e.value) and 'demo' not in str(e.value)
+    assert '(config.data.csv.image_column, score_column, split_column' in str(e.value)
