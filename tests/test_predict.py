@@ -211,6 +211,8 @@ def test_file_names_that_are_not_utf8_are_written_back_as_they_are(ckpt, folder,
         with open(raw, 'wb') as f:
             f.write((folder / 'photo.jpg').read_bytes())
     except OSError:
+        if os.environ.get('CI'):   # CI's file system takes any bytes: never skipped there
+            raise
         pytest.skip('this file system takes only valid UTF-8 names')
     name = os.fsdecode(raw)
     for suffix in ('csv', 'jsonl', 'json'):
