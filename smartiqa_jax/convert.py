@@ -91,11 +91,12 @@ def run(args: argparse.Namespace) -> str:
     from flax import nnx
 
     from smartiqa_jax import checkpoint, weights
-    from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
+    from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD, ModelConfig, SmartIQA
 
     if args.command == 'from-timm':
         _check_out(args.out, args.force, checkpoint_dir=True)
-        model = SmartIQA(ModelConfig(args.variant, args.fusion), rngs=nnx.Rngs(args.seed))
+        model = SmartIQA(ModelConfig(args.variant, args.fusion, label_name=UNTRAINED_HEAD),
+                         rngs=nnx.Rngs(args.seed))
         weights.load_timm_backbone(model, args.file)
         out = checkpoint.save_model(args.out, model, force=args.force)
         return f'{args.file}: Swin-{args.variant} backbone -> {out} (fusion {args.fusion}, head seed {args.seed})'

@@ -683,6 +683,10 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     print(f'model: SMART-IQA {c.variant}/{c.fusion} from {directory} ({c.label_name}), '
           f'{c.dtype}, {model.backbone.attention} window attention; {prep.describe()} '
           f'[{source}]', file=log or sys.stderr)
+    from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
+    if c.label_name == UNTRAINED_HEAD:
+        print('warning: this model\'s head is untrained (convert from-timm): its scores mean '
+              'nothing until it is trained', file=log or sys.stderr)
     return model, prep, directory
 
 

@@ -356,6 +356,15 @@ def adopt_architecture(config: ml_collections.ConfigDict, init_config) -> list[s
     return notes
 
 
+def init_label_map(init_config, target: Sequence[float]) -> tuple[float, float] | None:
+    """label_range_map from the init model's label range; None for an untrained head
+    (`convert from-timm`), whose scores are on no scale to map from."""
+    from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
+    if init_config.label_name == UNTRAINED_HEAD:
+        return None
+    return label_range_map(init_config.label_range, target)
+
+
 def label_range_map(source: Sequence[float], target: Sequence[float]
                     ) -> tuple[float, float] | None:
     """(a, b) taking label range `source` linearly onto `target`; None when they are equal.
@@ -423,7 +432,7 @@ def _build_params(config, model_config, mesh, *, mean_label: float, score_scale:
                 a.shape != b.shape for a, b in pairs):
             raise ConfigError('config.model.init_from: its parameters do not fit the '
                               f'{model_config.variant}/{model_config.fusion} model')
-        mapping = label_range_map(init.config.label_range, model_config.label_range)
+        mapping = init_label_map(init.config, model_config.label_range)
         if mapping:
             loaded = fold_affine(loaded, *mapping)
         return train_graphdef, eval_graphdef, sharding.replicate(loaded, mesh)
@@ -862,11 +871,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 config.model[key] = stored[key]
     model_config = model_config_from(config, splits['train'][0].scale)
     if init is not None:
-        mapping = label_range_map(init.config.label_range, model_config.label_range)
+        from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
+        mapping = init_label_map(init.config, model_config.label_range)
         say(f'Fine-tuning {model_config.variant}/{model_config.fusion} from '
             f'{_expand(config.model.init_from)}'
             + (f'; scores mapped from {init.config.label_range} to {model_config.label_range}: '
-               f'{mapping[0]:.4g} * score {mapping[1]:+.4g}' if mapping else ''))
+               f'{mapping[0]:.4g} * score {mapping[1]:+.4g}' if mapping else '')
+            + ('; its head is untrained (convert from-timm): config.model.backbone_weights '
+               'with the timm file starts the head as a from-scratch run does'
+               if init.config.label_name == UNTRAINED_HEAD else ''))
     train_labels = [r.score for r in splits['train']]
     mean_label = float(np.mean(train_labels))
     score_scale = score_scale_of(config, train_labels)

@@ -396,3 +396,16 @@ def test_compiled_model_goes_to_the_persistent_cache(ckpt, folder, tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert os.listdir(cache), 'nothing was cached'
+
+
+def test_an_untrained_head_is_said_to_be_one(tmp_path):
+    from flax import nnx
+
+    from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD, ModelConfig, SmartIQA
+    path = checkpoint.save_model(tmp_path / 'init', SmartIQA(
+        ModelConfig('pico', label_name=UNTRAINED_HEAD), rngs=nnx.Rngs(0)))
+    log = io.StringIO()
+    predict.load_for_scoring(predict._parser().parse_args(['--checkpoint', str(path), 'x',
+                                                            *FAST]), log=log)
+    assert "warning: this model's head is untrained (convert from-timm)" in log.getvalue()
+

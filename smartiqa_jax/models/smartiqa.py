@@ -25,6 +25,9 @@ FUSIONS: tuple[str, ...] = ('attention', 'multiscale', 'backbone')
 # Widths of the released model (HyperIQA's target network sizes).
 TARGET_IN = 224                  # length of the target network's input vector
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+# The label name of a model whose head has not been trained (`convert from-timm`): its
+# scores are on no scale, and fine-tuning does not map them onto one.
+UNTRAINED_HEAD = 'none (untrained head)'
 LDA_CHANNELS = (16, 32, 64)      # 1x1 conv widths of the local-distortion branches, stages 0-2
 LDA_OUT = 16                     # each of those branches' Linear output
 HYPER_WIDTHS = (512, 256, 112)   # the 1x1 conv stack before the hyper feature
