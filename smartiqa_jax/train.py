@@ -172,9 +172,9 @@ class TrainFeed:
         index = jax.process_index()
         shard_count, per_process = shard_layout(data_config, global_batch_size)
         source = as_source(records)
-        # Every shard samples from the whole split (each epoch's shuffle is
-        # global), so each needs every image: one decoded cache per process,
-        # shared by its shards, not one each.
+        # Every shard samples from the whole split (its fixed share of the patches
+        # spans all images; make_train_loader), so each needs every image: one decoded
+        # cache per process, shared by its shards, not one each.
         cache = (make_decoded_cache(source, resize=_resize(data_config),
                                     crop_size=data_config.crop_size)
                  if data_config.cache else False)
@@ -829,7 +829,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f'workdir {workdir} is a file: give a folder for the run '
                           '(checkpoints, logs and results)')
-    os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
 
@@ -892,6 +891,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Whether the workdir's run can go on with this config, before any data is decoded.
     _, shards_here = shard_layout(config.data, config.train.batch_size)
+    # Made only now: a run stopped by its data, weights or settings leaves no empty workdir.
+    os.makedirs(workdir, exist_ok=True)
     checkpoints = TrainCheckpoints(workdir, keep=config.train.keep_checkpoints)
     config_json = json.loads(config.to_json())
     train_data = train_split_fingerprint(splits['train'])

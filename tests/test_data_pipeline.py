@@ -115,6 +115,25 @@ def test_train_shards_are_disjoint_and_cover_the_data(tmp_path):
     assert set.union(*seen) == {float(i) for i in range(12)}
 
 
+@pytest.mark.parametrize('shards', [2, 4])
+def test_train_shards_read_different_images_at_each_step(tmp_path, shards):
+    """grain shuffles each shard's range of patch numbers with the same permutation; with
+    20 patches of 12 images the ranges start a multiple of 12 apart, so without the
+    loader's own permutation every shard read the same image at every step."""
+    recs = records(tmp_path, n=12)
+    loaders = [train_loader(recs, batch_size=8 // shards, patches_per_image=20, num_epochs=1,
+                            shard_index=shard, shard_count=shards) for shard in range(shards)]
+    steps = list(zip(*(iter(loader) for loader in loaders)))
+    assert len(steps) == 12 * 20 // 8
+    same = sum(all(sorted(b['score']) == sorted(batches[0]['score']) for b in batches)
+               for batches in steps)
+    assert same <= 1, f'{same} of {len(steps)} steps read the same images on every shard'
+    # Together the shards still read each image patches_per_image times an epoch.
+    counts = collections.Counter(float(s) for batches in steps for b in batches
+                                 for s in b['score'])
+    assert counts == {float(i): 20 for i in range(12)}
+
+
 def test_restored_iterator_continues_exactly(tmp_path):
     recs = records(tmp_path)
     it = iter(train_loader(recs, color_jitter=True))

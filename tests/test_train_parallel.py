@@ -108,7 +108,15 @@ def test_two_processes_train_like_one_reading_two_shards(tmp_path, demo_root):
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]
     _train(tmp_path / 'one', demo_root, '--config.data.shard_count=2', devices=1)
-    _assert_same_params(tmp_path / 'one', workdir, atol=1e-5)
+    # The same batches: every step's loss agrees to float rounding.
+    losses = [[r['loss'] for r in map(json.loads, open(w / 'metrics.jsonl'))
+               if r.get('kind') == 'train'] for w in (tmp_path / 'one', workdir)]
+    assert len(losses[0]) == 6
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    # Two processes sum their gradients in another order than one device does; Adam makes
+    # an element whose gradient is near 0 move by up to lr (1e-4 here) either way, so the
+    # parameters agree to a step of lr, not to rounding.
+    _assert_same_params(tmp_path / 'one', workdir, atol=2e-4)
 
 
 def _committed_steps(workdir) -> list:

@@ -94,6 +94,7 @@ def test_an_empty_split_is_named_before_training(missing, tmp_path, demo_root, n
     config.data.csv.images_dir = folder
     with pytest.raises(train.ConfigError, match=f'the {missing} split of csv in {path} is empty'):
         train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert not os.path.exists(tmp_path / 'run')   # no empty workdir left behind
 
 
 def test_too_few_training_images_for_one_batch(tmp_path, demo_root, no_data):

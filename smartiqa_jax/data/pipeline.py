@@ -217,13 +217,16 @@ class _PixelReader:
 
 
 class _TrainPatchSource(grain.RandomAccessDataSource):
-    """Each usable image `patches_per_image` times: i -> image images[i % n].
+    """Each usable image `patches_per_image` times: i -> image images[j % n], with j = i or,
+    given an `order`, order[i].
 
     Reading here (not in an operation) runs the decode in grain's read threads.
     """
 
-    def __init__(self, reader: _PixelReader, image_indices: np.ndarray, patches_per_image: int):
+    def __init__(self, reader: _PixelReader, image_indices: np.ndarray, patches_per_image: int,
+                 order: Optional[np.ndarray] = None):
         self._reader, self._images, self._repeats = reader, image_indices, patches_per_image
+        self._order = order   # a permutation of the patches, applied first (see the caller)
 
     def __len__(self) -> int:
         return len(self._images) * self._repeats
@@ -233,6 +236,8 @@ class _TrainPatchSource(grain.RandomAccessDataSource):
                 f'patches_per_image={self._repeats})')
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self._order is not None:
+            i = int(self._order[i])
         index = int(self._images[i % len(self._images)])
         pixels, score = self._reader.read(index)
         return {'pixels': pixels, 'score': score, 'index': np.int32(index)}
@@ -526,7 +531,14 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
     per_host = _per_host_batch(batch_size, global_batch_size, shard_count)
     _absl_flags_for_workers(worker_count)
     reader, images, report = _prepare(source, resize, crop_size, cache)
-    patches = _TrainPatchSource(reader, images, patches_per_image)
+    # grain's sampler gives each shard a contiguous range of patch numbers and shuffles
+    # every range with the same permutation; with patch i = image i % n, shards whose
+    # ranges start a multiple of n apart would then read the same image at every step.
+    # A fixed permutation of the patches, the same on every host, spreads each shard's
+    # range over all images. One shard reads the patches in grain's order, as before.
+    order = (np.random.default_rng([seed, 0x5A4D]).permutation(len(images) * patches_per_image)
+             if shard_count > 1 else None)
+    patches = _TrainPatchSource(reader, images, patches_per_image, order)
     sampler = grain.IndexSampler(
         num_records=len(patches),
         shard_options=grain.ShardOptions(shard_index, shard_count, drop_remainder=True),
