@@ -154,17 +154,23 @@ def training_config(directory: str | os.PathLike) -> dict:
     checkpoints written by `save_model` without a `training_config` (the `convert`
     command's) do not.
     """
+    return json_item(directory, 'config')
+
+
+def json_item(directory: str | os.PathLike, name: str) -> dict:
+    """The JSON item `name` of the checkpoint (or training step) in `directory`; {} if it
+    has none; CheckpointError if it cannot be read."""
     directory = _absolute(directory)
-    if not (directory / 'config').is_dir():
+    if not (directory / name).is_dir():
         return {}
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         try:
-            config = checkpointer.restore(directory, ocp.args.Composite(
-                config=ocp.args.JsonRestore()))['config']
+            value = checkpointer.restore(directory, ocp.args.Composite(
+                **{name: ocp.args.JsonRestore()}))[name]
         except Exception as e:   # orbax raises many types, with pages of detail
-            raise CheckpointError(f'{directory}: config/ is unreadable (corrupt or '
-                                  f'truncated?): {_first_line(e)}') from None
-    return config or {}
+            raise CheckpointError(f'{directory}: {name}/ is unreadable (corrupt or '
+                                  f'truncated?): {first_line(e)}') from None
+    return value or {}
 
 
 def _calibrates(step_dir: Path) -> bool:
@@ -205,7 +211,7 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
                 MODEL_CONFIG: ocp.args.JsonRestore()}))[MODEL_CONFIG]
         except Exception as e:   # orbax raises many types, with pages of detail
             raise CheckpointError(f'{directory}: {MODEL_CONFIG}/ is unreadable (corrupt or '
-                                  f'truncated?): {_first_line(e)}') from None
+                                  f'truncated?): {first_line(e)}') from None
         if not isinstance(config_dict, dict):
             raise CheckpointError(f'{directory}: {MODEL_CONFIG}/ holds no model config')
         config_dict = {**config_dict, 'attention': 'auto'}
@@ -234,37 +240,40 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
                     PARAMS: ocp.args.StandardRestore(abstract)}))[PARAMS]
         except Exception as e:
             raise CheckpointError(f'{directory}: the parameters in {PARAMS}/ are unreadable '
-                                  f'(corrupt or truncated?): {_first_line(e)}') from None
+                                  f'(corrupt or truncated?): {first_line(e)}') from None
     restore_params(model, jax.tree.map(np.asarray, tree))
     model.eval()
     return model
 
 
-def _first_line(error: BaseException) -> str:
-    """The first line of the innermost cause of `error` (orbax wraps tensorstore's)."""
+def first_line(error: BaseException, limit: int = 240) -> str:
+    """The first line of the innermost cause of `error` (orbax wraps tensorstore's), cut
+    to `limit` characters."""
     while (error.__cause__ or error.__context__) is not None:
         error = error.__cause__ or error.__context__
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    line = lines[0] if lines else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + '...'
 
 
 def _mismatch(directory: Path, abstract: dict) -> str:
     """How the stored parameters differ from `abstract` in names or shapes; '' if they do
     not, or if the stored metadata cannot be read (the restore then says why)."""
+    def shapes(tree) -> dict[str, tuple]:
+        return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
     handler = ocp.StandardCheckpointHandler()
     try:
         stored = handler.metadata(directory / PARAMS)
-        stored = getattr(stored, 'tree', stored)
-        have = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
-                for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        have = shapes(getattr(stored, 'tree', stored))
     except Exception:
         return ''
     finally:
         handler.close()
     if not have:
         return ''
-    want = {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    want = shapes(abstract)
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     shapes = [f'{k} {have[k]} vs {want[k]}' for k in sorted(set(want) & set(have))
@@ -294,10 +303,8 @@ def _quiet_abandoned_reads(directory: Path):
     """
     _install_abandoned_read_filters()
     _ABANDONED.add(str(directory))
-    try:
-        yield
-    except BaseException:
-        raise   # the abandoned reads finish after the restore has returned: keep filtering
+    yield
+    # Not reached when the restore fails: its abandoned reads finish after it returned.
     _ABANDONED.discard(str(directory))
 
 

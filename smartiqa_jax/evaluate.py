@@ -191,9 +191,10 @@ def trained_split_options(training_config: dict, key: str, root: str) -> Optiona
     data = training_config.get('data') or {}
     if data.get('dataset') != DATASETS[key].reader:
         return None
+    if key == 'koniq':
+        return {}   # the official split
     if key != 'csv':
-        return {'seed': int(data.get('split_seed') or 0)} if DATASETS[key].reader != 'koniq10k' \
-            else {}
+        return {'seed': int(data.get('split_seed') or 0)}
     if os.path.basename(str(data.get('root', ''))) != os.path.basename(root):
         return None
     csv = data.get('csv') or {}
@@ -342,10 +343,9 @@ def write_predictions(out_dir: str, key: str, result: dict) -> None:
         writer.writerows(result['rows'])
 
 
-def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdown: str, *,
-                  predictions: bool = True) -> None:
-    """table3.md, table3.csv (one row per dataset + average), results.json and, with
-    `predictions`, predictions_*.csv."""
+def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdown: str) -> None:
+    """table3.md, table3.csv (one row per dataset + average) and results.json (the
+    predictions_*.csv are written as each dataset is scored, `write_predictions`)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'table3.md'), 'w') as f:
         f.write(markdown + '\n')
@@ -360,9 +360,6 @@ def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdow
                          sum(r['n_failed'] for r in results.values()), *(avg[m] for m in METRICS)])
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(_nan_to_none(summary), f, indent=2)
-    for key, r in results.items():
-        if predictions:
-            write_predictions(out_dir, key, r)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -465,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f'PLCC is raw (no logistic fit); Average is the mean over the datasets.\n\n'
                 + format_table(results, model_name, args.logistic) + '\n\n'
                 + format_details(results, args.split))
-    write_outputs(out_dir, results, summary, markdown, predictions=False)
+    write_outputs(out_dir, results, summary, markdown)
     n = sum(r['n_images'] for r in results.values())
     print(markdown)
     print(f'\n{n} images in {elapsed:.1f} s ({n / max(elapsed, 1e-9):.2f} images/s); '

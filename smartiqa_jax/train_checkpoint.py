@@ -106,33 +106,27 @@ class TrainCheckpoints:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:   # orbax's, tensorstore's, grain's
-            from smartiqa_jax.checkpoint import CheckpointError
-            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            first_line = first_line if len(first_line) < 240 else first_line[:240] + '...'
+            from smartiqa_jax.checkpoint import CheckpointError, first_line
+            why = first_line(e)
             if not _unreadable(e):   # e.g. grain: another data source than the saved one
                 raise CheckpointError(f'{self.directory}/{step} cannot be restored into this '
-                                      f'run: {first_line}') from e
+                                      f'run: {why}') from e
             others = [s for s in self.all_steps() if s != step]
             what = (f'Steps {", ".join(map(str, others))} are also kept: move '
                     f'{self.directory}/{step} away to go on from step {max(others)}'
                     if others else 'No other step is kept: start again in a new --workdir')
             raise CheckpointError(
                 f'{self.directory}/{step} cannot be restored (corrupt or truncated files?): '
-                f'{first_line}. {what}.') from e
+                f'{why}. {what}.') from e
 
     def stored_progress(self, step: int) -> dict:
         """The progress item (JSON) saved with step `step`; {} if it has none or it cannot
         be read (`restore` then says what is wrong with the step)."""
-        step_dir = os.path.join(self.directory, str(step))
-        if not os.path.isdir(os.path.join(step_dir, 'progress')):
-            return {}
+        from smartiqa_jax.checkpoint import CheckpointError, json_item
         try:
-            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-                restored = checkpointer.restore(step_dir, ocp.args.Composite(
-                    progress=ocp.args.JsonRestore()))
-        except Exception:
+            return json_item(os.path.join(self.directory, str(step)), 'progress')
+        except CheckpointError:
             return {}
-        return restored['progress'] or {}
 
     def stored_config(self, step: int) -> dict:
         """The run config (JSON) saved with step `step`; {} if it has none."""
