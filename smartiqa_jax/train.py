@@ -783,7 +783,12 @@ def check_resumable(config_json: dict, checkpoints: TrainCheckpoints, step: int,
     lacks, from another version, are not compared), and the run needs as many
     processes and data iterators per process as wrote the checkpoint.
     """
+    from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES
     saved = _flatten(checkpoints.stored_config(step))
+    if saved.get('train.compute_dtype', 'float32') not in COMPUTE_DTYPES:
+        # Saved before the dtype was checked (e.g. 'bf16'): anything but 'bfloat16' ran
+        # in float32, so that is the setting that continues it.
+        saved['train.compute_dtype'] = 'float32'
     now = _flatten(config_json)
     differ = [f'{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now'
               for key in sorted(saved.keys() & now.keys())

@@ -179,6 +179,36 @@ def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo
         train.train_and_evaluate(_config(demo_root), workdir)
 
 
+class _StoredRun:
+    """What check_resumable reads of a workdir's checkpoints: one step's config."""
+    directory = '/runs/old'
+
+    def __init__(self, config_json):
+        self.config_json = config_json
+
+    def stored_config(self, step):
+        return self.config_json
+
+    def data_layout(self, step):
+        return (1, 1)
+
+
+def test_a_run_saved_with_a_legacy_compute_dtype_resumes_in_float32():
+    # Before dtypes were checked, 'bf16' or 'float16' were stored and ran in float32:
+    # check_config now refuses them, so resuming takes 'float32' as the same setting.
+    now = smoke.get_config().to_dict()
+    for legacy in ('bf16', 'float16'):
+        stored = {**now, 'train': {**now['train'], 'compute_dtype': legacy}}
+        train.check_resumable(now, _StoredRun(stored), 10, iterators=1)
+        with pytest.raises(train.ConfigError, match=r"train.compute_dtype: 'float32' in the "
+                                                    r"checkpoint, 'bfloat16' now"):
+            train.check_resumable({**now, 'train': {**now['train'], 'compute_dtype': 'bfloat16'}},
+                                  _StoredRun(stored), 10, iterators=1)
+    stored = {**now, 'train': {**now['train'], 'compute_dtype': 'bfloat16'}}
+    with pytest.raises(train.ConfigError, match=r"'bfloat16' in the checkpoint, 'float32' now"):
+        train.check_resumable(now, _StoredRun(stored), 10, iterators=1)
+
+
 def test_a_nan_score_is_not_dropped_from_the_metrics(demo_root):
     splits = train.load_splits('demo', demo_root)
     config = _config(demo_root)
