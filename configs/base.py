@@ -78,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.patches_per_image = 20       # each training image appears this often per epoch
     config.data.eval_crops = 20              # crops averaged per image at test time
     config.data.eval_crop_mode = 'random'    # released; seeded per (image, crop): reproducible
+    config.data.eval_symmetries = 1          # each crop alone; 2, 4, 8: mirrored/rotated too
     config.data.hflip = True
     config.data.color_jitter = False
     config.data.rotate90 = False             # random 90-degree turns (not in the paper; demo)

@@ -151,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if model.config.fusion != 'attention':
             raise UsageError(f'{directory}: this model uses fusion {model.config.fusion!r}; only '
                              "the 'attention' fusion (the full SMART-IQA) has stage weights")
-        scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size)
+        scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size,
+                                prep.symmetries)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

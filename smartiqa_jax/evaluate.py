@@ -8,7 +8,8 @@
 
 Each dataset is read with its reader (smartiqa_jax.data: official KonIQ split, seeded
 splits for the others; `--split all` takes every image), every image is scored exactly
-as `smartiqa_jax.predict` scores it (same decode, resize, crops, crop average), and
+as `smartiqa_jax.predict` scores it (same decode, resize, crops, symmetries, crop
+average; resize, JPEG-aligned crops and symmetries default to the checkpoint's), and
 SRCC / PLCC / KRCC / RMSE come from scipy.stats on the per-image predictions.
 
 PLCC is the raw Pearson correlation of predictions and labels (no fit), as in the
@@ -435,7 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, prep, directory = predict.load_for_scoring(args)
         out_dir = args.output_dir or os.path.join('evaluation', output_name(args.checkpoint))
         make_output_dir(out_dir)
-        scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size)
+        scorer = predict.Scorer(model, args.batch_size, prep.crops, prep.crop_size,
+                                prep.symmetries)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -19,8 +19,10 @@ runs over very many files prefer .csv or .jsonl, which are only appended to).
 Without --output the CSV goes to stdout. The progress bar and the summary go to stderr.
 
 Preprocessing: --resize defaults to the training config stored in the checkpoint (a
-training workdir or step), else the KonIQ protocol, 512 high x 384 wide; so does
---[no-]jpeg-aligned-crops (data.jpeg_aligned_crops there, else off). JPEGs larger than
+training workdir or step), else the KonIQ protocol, 512 high x 384 wide; so do
+--[no-]jpeg-aligned-crops (data.jpeg_aligned_crops there, else off) and --symmetries
+(data.eval_symmetries there, else 1: each crop alone; 2 with its mirror image, 4 its
+rotations, 8 both, scores averaged). JPEGs larger than
 twice the target are decoded at a reduced DCT scale (PIL `draft`), so a large photo is
 never held at full size; other formats are box-reduced right after decoding, before
 any array copy. Images over --max-pixels (PIL's decompression-bomb limit, 89 megapixels,
@@ -78,6 +80,11 @@ class UsageError(ValueError):
 # ----------------------------------------------------------------------------- preprocessing
 
 
+# How Preprocessing.describe names each `symmetries` above 1.
+_AVERAGED = {2: 'with its mirror image', 4: 'over its 4 rotations',
+             8: 'over its 4 rotations and their mirror images'}
+
+
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
     """How an image file becomes model input.
@@ -91,6 +98,8 @@ class Preprocessing:
     max_pixels: images with more pixels are refused (None: PIL's Image.MAX_IMAGE_PIXELS).
     jpeg_aligned: crop offsets 2 past a multiple of 4 (preprocess.jpeg_aligned_offset), as
       in training with `data.jpeg_aligned_crops` (the demo).
+    symmetries: each crop is scored as the mean over this many of its symmetries: 1 the
+      crop, 2 with its mirror image, 4 its rotations, 8 both (`data.eval_symmetries`).
     """
 
     resize: preprocess.ResizeSpec = preprocess.KONIQ_RESIZE
@@ -100,6 +109,7 @@ class Preprocessing:
     crop_size: int = CROP_SIZE
     max_pixels: Optional[int] = None
     jpeg_aligned: bool = False
+    symmetries: int = 1
 
     def __post_init__(self):
         if self.crop_mode not in CROP_MODES:
@@ -110,12 +120,18 @@ class Preprocessing:
             raise UsageError(f"crop mode 'center' gives one crop per image, got --crops {self.crops}")
         if self.seed < 0:
             raise UsageError(f'--seed must be 0 or more, got {self.seed}')
+        if self.symmetries not in preprocess.SYMMETRIES:
+            raise UsageError(f'--symmetries must be one of '
+                             f'{", ".join(map(str, preprocess.SYMMETRIES))}, '
+                             f'got {self.symmetries}')
 
     def describe(self) -> str:
         return (f'resize {format_resize(self.resize)}, {self.crops} {self.crop_mode} crop'
                 f'{"s" if self.crops > 1 else ""} of {self.crop_size}'
                 + (f' (seed {self.seed})' if self.crop_mode == 'random' else '')
-                + (', JPEG-aligned' if self.jpeg_aligned else ''))
+                + (', JPEG-aligned' if self.jpeg_aligned else '')
+                + (f', each crop averaged {_AVERAGED[self.symmetries]}'
+                   if self.symmetries > 1 else ''))
 
 
 def parse_resize(text: str) -> preprocess.ResizeSpec:
@@ -339,18 +355,24 @@ def _jitted_forward():
     from flax import nnx
 
     from smartiqa_jax import sharding
+    from smartiqa_jax.models import smartiqa
 
-    def forward(graphdef, mesh, state, images):
+    def forward(graphdef, mesh, symmetries, state, images):
         _TRACES[0] += 1  # runs only while tracing
+        model = nnx.merge(graphdef, state)
+
+        def scores(views):
+            out = model(views)
+            return out['score'], out['stage_weights']
+
         with sharding.tracing_mesh(mesh):
-            out = nnx.merge(graphdef, state)(images)
-        return out['score'], out['stage_weights']
+            return smartiqa.mean_over_symmetries(scores, images, symmetries)
 
     # One jitted function for the process, the graph structure (and the mesh, or None)
     # static: scorers of the same model and batch shape (predict, then evaluate on several
     # datasets) share one compiled program. The state is an argument, not a closed-over
     # constant, so XLA does not fold (and copy) the weights into the program.
-    return jax.jit(forward, static_argnums=(0, 1))
+    return jax.jit(forward, static_argnums=(0, 1, 2))
 
 
 class Scorer:
@@ -366,12 +388,14 @@ class Scorer:
     one device scores them; `devices` says which.
     """
 
-    def __init__(self, model, batch_images: int, crops: int, crop_size: int = CROP_SIZE):
+    def __init__(self, model, batch_images: int, crops: int, crop_size: int = CROP_SIZE,
+                 symmetries: int = 1):
         from flax import nnx
 
         if batch_images < 1:
             raise UsageError(f'--batch-size must be at least 1, got {batch_images}')
         self.batch_images, self.crops, self.crop_size = batch_images, crops, crop_size
+        self.symmetries = symmetries
         self.has_attention = model.config.fusion == 'attention'
         self.config = model.config
         self._graphdef, self._state = nnx.split(nnx.view(model, deterministic=True))
@@ -401,8 +425,8 @@ class Scorer:
                              f'{self.crop_size}, {self.crop_size}, 3), got {crops.shape}')
         batch = np.zeros((self.batch_images * self.crops,) + crops.shape[2:], np.float32)
         batch[:n * self.crops] = crops.reshape((-1,) + crops.shape[2:])
-        scores, weights = self._forward(self._graphdef, self._mesh, self._state,
-                                        self._place(batch))
+        scores, weights = self._forward(self._graphdef, self._mesh, self.symmetries,
+                                        self._state, self._place(batch))
         # Crop means on the host in float64: the same sum whatever the batch holds.
         scores = np.asarray(scores, np.float64)[:n * self.crops].reshape(n, self.crops).mean(1)
         if weights is not None:
@@ -603,6 +627,12 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="crop offsets 2 past a multiple of 4, so JPEG block edges fall "
                              "inside the 4x4 patches; default: the checkpoint's training config "
                              "(data.jpeg_aligned_crops, the demo's), else off")
+    parser.add_argument('--symmetries', type=int, default=None,
+                        choices=preprocess.SYMMETRIES,
+                        help='score each crop as the mean over this many of its symmetries: '
+                             '1 the crop, 2 with its mirror image, 4 its 90-degree rotations, '
+                             "8 both; default: the checkpoint's training config "
+                             "(data.eval_symmetries), else 1")
     parser.add_argument('--cpu-devices', type=int, default=0,
                         help='split the CPU into this many JAX devices and shard each batch '
                              'over them (2 on a 2-core CPU: about 1.3x the images/s); '
@@ -659,14 +689,19 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
             source = 'from the checkpoint\'s training config' if found else 'KonIQ protocol'
         else:
             resize, source = parse_resize(args.resize), 'from --resize'
+        trained = checkpoint_data_config(directory) if None in (
+            args.jpeg_aligned_crops, args.symmetries) else {}
         jpeg_aligned = args.jpeg_aligned_crops
         if jpeg_aligned is None:
-            jpeg_aligned = bool(checkpoint_data_config(directory).get('jpeg_aligned_crops',
-                                                                      False))
+            jpeg_aligned = bool(trained.get('jpeg_aligned_crops', False))
+        symmetries = args.symmetries
+        if symmetries is None:
+            symmetries = trained.get('eval_symmetries', 1)
     except checkpoint.CheckpointError as e:
         raise UsageError(f'--checkpoint {args.checkpoint}: {e}') from None
     prep = Preprocessing(resize=resize, crops=crops, crop_mode=args.crop_mode, seed=args.seed,
-                         max_pixels=args.max_pixels, jpeg_aligned=jpeg_aligned)
+                         max_pixels=args.max_pixels, jpeg_aligned=jpeg_aligned,
+                         symmetries=symmetries)
     overrides = {'dtype': args.dtype} if args.dtype else {}
     if args.attention != 'auto':
         from smartiqa_jax.models import swin
@@ -725,7 +760,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError('no input images found in ' + ', '.join(args.inputs))
         RowWriter.output_format(args.output)  # a bad --output fails before the slow load
         model, prep, _ = load_for_scoring(args)
-        scorer = Scorer(model, args.batch_size, prep.crops, prep.crop_size)
+        scorer = Scorer(model, args.batch_size, prep.crops, prep.crop_size, prep.symmetries)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2

@@ -26,6 +26,10 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # KonIQ protocol of SPEC 2: torchvision Resize((512, 384)) is (height, width).
 KONIQ_RESIZE = (512, 384)
+# How many of a crop's symmetries a test-time score may average over: the crop (1), with
+# its mirror image (2), its four 90-degree rotations (4), or all eight (models.smartiqa.
+# symmetric_views).
+SYMMETRIES = (1, 2, 4, 8)
 
 # A resize spec: (height, width) squashes to that size; an int resizes the
 # shorter side to it keeping the aspect ratio; None keeps the decoded size.

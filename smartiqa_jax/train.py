@@ -676,6 +676,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     from smartiqa_jax.data.pipeline import CROP_MODES
     from smartiqa_jax.data.readers import READERS
     from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES
+    from smartiqa_jax.preprocess import SYMMETRIES
     from smartiqa_jax.models.swin import SWIN_INPUT_SIZE
     t = config.train
     problems = []
@@ -712,6 +713,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if resize and (len(resize) != 2 or min(resize) < d.crop_size):
         problems.append(f'data.resize must be () (keep the stored size) or (height, width), '
                         f'each at least data.crop_size {d.crop_size}; got {d.resize}')
+    if d.eval_symmetries not in SYMMETRIES:
+        problems.append(f'data.eval_symmetries {d.eval_symmetries!r} is not one of '
+                        f'{", ".join(map(str, SYMMETRIES))}')
     if d.eval_crop_mode == 'center' and d.eval_crops != 1:
         problems.append(f"data.eval_crop_mode 'center' takes one crop per image; data.eval_crops "
                         f"is {d.eval_crops} (use 'random' or 'grid' for more)")
@@ -941,7 +945,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state_sharding = jax.tree.map(lambda x: x.sharding, state)
     loss_fn = losses.get_loss(config.train.loss, **config.train.loss_params.to_dict())
     train_step = train_state.make_train_step(train_graphdef, tx, loss_fn, mesh, state_sharding)
-    eval_step = train_state.make_eval_step(eval_graphdef, mesh)
+    eval_step = train_state.make_eval_step(eval_graphdef, mesh,
+                                           config.data.eval_symmetries)
 
     progress = Progress(train_data=train_data)
     step = 0

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from smartiqa_jax import sharding
+from smartiqa_jax.models import smartiqa
 
 
 @flax.struct.dataclass
@@ -74,12 +75,18 @@ def make_train_step(train_graphdef: nnx.GraphDef, tx: optax.GradientTransformati
     return jax.jit(step_fn, donate_argnums=(0,), out_shardings=(state_sharding, metrics_sharding))
 
 
-def make_eval_step(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh):
-    """A jitted `(params, images) -> scores`: (B, 224, 224, 3) -> (B,), sharded like the batch."""
+def make_eval_step(eval_graphdef: nnx.GraphDef, mesh: jax.sharding.Mesh, symmetries: int = 1):
+    """A jitted `(params, images) -> scores`: (B, 224, 224, 3) -> (B,), sharded like the batch.
+
+    symmetries: each crop's score is the mean over that many of its symmetries
+    (`smartiqa.symmetric_views`: 1 the crop, 2 with its mirror image, 4 rotations, 8 all).
+    """
 
     def step_fn(params, images):
         with sharding.tracing_mesh(mesh):
-            return nnx.merge(eval_graphdef, params)(images)['score']
+            model = nnx.merge(eval_graphdef, params)
+            return smartiqa.mean_over_symmetries(lambda x: model(x)['score'], images,
+                                                 symmetries)
 
     return jax.jit(step_fn, out_shardings=sharding.batch_sharding(mesh))
 

@@ -169,3 +169,44 @@ def test_layer_norm_keeps_its_precision_when_the_mean_dwarfs_the_spread():
     want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
     got = swin.layer_norm(1024, rngs=nnx.Rngs(0))(jnp.asarray(x, jnp.float32))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-3)
+
+
+def test_symmetric_views_are_the_square_symmetries():
+    images = np.random.default_rng(1).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    rotations = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    expected = {1: [images], 2: [images, images[:, :, ::-1]], 4: rotations,
+                8: [v for r in rotations for v in (r, r[:, :, ::-1])]}
+    for n, views in expected.items():
+        got = np.asarray(smartiqa.symmetric_views(jnp.asarray(images), n))
+        assert got.shape == (n, 2, 6, 6, 3)
+        np.testing.assert_array_equal(got, np.stack(views))
+    # The eight are distinct and closed under the mirror and the rotation: a group.
+    eight = np.asarray(smartiqa.symmetric_views(jnp.asarray(images), 8))
+    keys = {v.tobytes() for v in eight}
+    assert len(keys) == 8
+    assert {np.ascontiguousarray(v[:, :, ::-1]).tobytes() for v in eight} == keys
+    assert {np.ascontiguousarray(np.rot90(v, 1, axes=(1, 2))).tobytes() for v in eight} == keys
+    with pytest.raises(ValueError, match=r'symmetries must be one of \(1, 2, 4, 8\), got 3'):
+        smartiqa.symmetric_views(jnp.asarray(images), 3)
+
+
+def test_mean_over_symmetries_averages_every_output_and_keeps_none(model, crops):
+    model.eval()
+
+    def apply(x):
+        out = model(x)
+        return out['score'], out['stage_weights'], None
+
+    for n in (2, 8):
+        score, weights, nothing = jax.jit(
+            lambda x: smartiqa.mean_over_symmetries(apply, x, n))(crops)
+        views = smartiqa.symmetric_views(crops, n)
+        each = [model(v) for v in views]
+        np.testing.assert_allclose(score, np.mean([o['score'] for o in each], 0),
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(weights, np.mean([o['stage_weights'] for o in each], 0),
+                                   rtol=1e-5, atol=1e-6)
+        assert nothing is None
+    # A crop and its symmetries score differently: the average is not a no-op.
+    one = np.asarray(model(crops)['score'])
+    assert np.abs(one - np.asarray(score)).max() > 1e-4

@@ -278,6 +278,28 @@ def test_scores_do_not_depend_on_batch_neighbours_and_repeat(ckpt, folder, tmp_p
     assert other_seed[paths[0]]['score'] != alone[paths[0]]['score']
 
 
+def test_symmetries_average_the_scores_of_the_mirrored_crop(ckpt, folder, tmp_path, capsys):
+    # A 240 x 260 image's centre crop starts at an even offset on both axes, so the centre
+    # crop of the mirrored file is the mirrored centre crop.
+    mirrored = tmp_path / 'mirrored.png'
+    Image.open(folder / 'gray.png').transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored)
+    paths = [str(folder / 'gray.png'), str(mirrored)]
+
+    def scores(*flags):
+        out = tmp_path / 'out.csv'
+        assert predict.main(['--checkpoint', ckpt, *paths, '--resize', 'none', *FAST,
+                             '--output', str(out), *flags]) == 0
+        return [float(r['score']) for r in _read_csv(out)]
+
+    plain = scores()
+    both = scores('--symmetries', '2')
+    assert abs(plain[0] - plain[1]) > 1e-4          # the mirror image scores differently
+    assert both[0] == pytest.approx(np.mean(plain), abs=1e-6)
+    assert both[1] == pytest.approx(both[0], abs=1e-6)
+    assert 'each crop averaged with its mirror image' in capsys.readouterr().err
+    assert predict.main(['--checkpoint', ckpt, *paths, '--symmetries', '3', *FAST]) == 2
+
+
 def test_cpu_devices_shard_the_batch_and_give_the_same_scores(ckpt, folder, tmp_path):
     # The device count is fixed when JAX starts, so the 2-device run is its own process.
     import subprocess

@@ -62,6 +62,7 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     config.train.num_epochs = 1
     config.model.patch_norm = False          # the demo's two departures from the paper
     config.data.jpeg_aligned_crops = True
+    config.data.eval_symmetries = 2
     summary = train.train_and_evaluate(config, str(tmp_path))
     # The calibration pass reads the training feed's decoded cache: each image once.
     assert decode_counts and max(decode_counts.values()) == 1
@@ -70,10 +71,12 @@ def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, 
     # It carries the run's config, so `predict` preprocesses as the run did.
     from smartiqa_jax import predict
     assert predict.checkpoint_resize(tmp_path / 'model') == (True, (224, 224))
-    for flags, aligned in (([], True), (['--no-jpeg-aligned-crops'], False)):
+    for flags, aligned, symmetries in (([], True, 2), (['--no-jpeg-aligned-crops'], False, 2),
+                                       (['--symmetries', '8'], True, 8)):
         args = predict._parser().parse_args(['--checkpoint', str(tmp_path), *flags, 'x.jpg'])
         scorer_model, prep, _ = predict.load_for_scoring(args, log=io.StringIO())
         assert prep.jpeg_aligned is aligned and scorer_model.config.patch_norm is False
+        assert prep.symmetries == symmetries
     model = checkpoint.load(tmp_path)
     best = checkpoint.load(tmp_path / 'checkpoints' / str(summary['best_step']))
     assert summary['calibration'] is not None     # the run is deterministic
@@ -111,6 +114,21 @@ def test_calibration_folds_an_affine_map_into_the_score_layers():
     # Never reverses the ranking; nothing to fit from one distinct prediction.
     assert train.calibrate_score_layers(params, raw, -labels) == (params, None)
     assert train.calibrate_score_layers(params, np.ones(3), labels) == (params, None)
+
+
+def test_the_eval_step_averages_the_symmetries_it_is_given():
+    from smartiqa_jax.models.smartiqa import SmartIQA, symmetric_views
+    config = smoke.get_config()
+    mesh = sharding.make_mesh()
+    _, eval_graphdef, params = train_state.init_params(
+        lambda: SmartIQA(train.model_config_from(config), rngs=nnx.Rngs(0)), mesh)
+    images = jax.random.normal(jax.random.key(2), (2 * jax.device_count(), 224, 224, 3))
+    plain = train_state.make_eval_step(eval_graphdef, mesh)
+    for n in (2, 4):
+        expected = np.mean([plain(params, view) for view in symmetric_views(images, n)], 0)
+        got = train_state.make_eval_step(eval_graphdef, mesh, n)(params, images)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        assert np.abs(np.asarray(got) - np.asarray(plain(params, images))).max() > 1e-4
 
 
 def test_loss_falls_when_overfitting_one_batch():

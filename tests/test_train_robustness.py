@@ -60,10 +60,11 @@ def no_data(monkeypatch):
     ({'data__num_workers': -1}, 'data.num_workers must be at least 0, got -1'),
     ({'data__split_seed': -1}, 'data.split_seed must be at least 0, got -1'),
     ({'train__compute_dtype': 'float16'}, "train.compute_dtype 'float16' is not one of float32"),
+    ({'data__eval_symmetries': 3}, 'data.eval_symmetries 3 is not one of 1, 2, 4, 8'),
     ({'train__batch_size': 3}, None),   # a valid odd batch on one device: no error
 ], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'attention',
          'dataset', 'cross_name', 'cross_form', 'crop_size', 'resize_one', 'resize_small',
-         'center_crops', 'workers', 'split_seed', 'dtype', 'ok'])
+         'center_crops', 'workers', 'split_seed', 'dtype', 'symmetries', 'ok'])
 def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path, demo_root,
                                                       no_data):
     config = _config(demo_root, **change)

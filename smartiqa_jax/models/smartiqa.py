@@ -19,6 +19,7 @@ from flax import nnx
 from smartiqa_jax.models import initializers as init
 from smartiqa_jax.models import swin
 from smartiqa_jax.models.variants import get_variant
+from smartiqa_jax.preprocess import SYMMETRIES
 
 FUSIONS: tuple[str, ...] = ('attention', 'multiscale', 'backbone')
 
@@ -169,6 +170,31 @@ def target_network(params: dict[str, jax.Array], x: jax.Array, rate: float = 0.0
         if i < 4:
             q = dropout(q, rate, keys[i - 1])
     return (params['w5'] @ q + params['b5'])[0]
+
+
+def symmetric_views(images: jax.Array, symmetries: int) -> jax.Array:
+    """(B, H, W, C) square crops -> (symmetries, B, H, W, C): the crops themselves (1),
+    with their mirror images (2), their four 90-degree rotations (4), or all eight
+    rotations and mirrors (8): the symmetries that training with `hflip` and
+    `rotate90` shows the model."""
+    if symmetries not in SYMMETRIES:
+        raise ValueError(f'symmetries must be one of {SYMMETRIES}, got {symmetries}')
+    mirror = lambda x: x[:, :, ::-1]
+    if symmetries <= 2:
+        return jnp.stack([images, mirror(images)][:symmetries])
+    rotations = [jnp.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    if symmetries == 4:
+        return jnp.stack(rotations)
+    return jnp.stack([view for x in rotations for view in (x, mirror(x))])
+
+
+def mean_over_symmetries(apply, images: jax.Array, symmetries: int):
+    """`apply(images)` (a pytree of per-image arrays) averaged over `symmetric_views`;
+    the views are scored one after another (`jax.lax.map`), so memory is one batch's."""
+    if symmetries == 1:
+        return apply(images)
+    outputs = jax.lax.map(apply, symmetric_views(images, symmetries))
+    return jax.tree.map(lambda x: x.mean(0), outputs)
 
 
 # ----------------------------------------------------------------------------- the module
