@@ -676,8 +676,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     from smartiqa_jax.data.pipeline import CROP_MODES
     from smartiqa_jax.data.readers import READERS
     from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES
-    from smartiqa_jax.preprocess import SYMMETRIES
     from smartiqa_jax.models.swin import SWIN_INPUT_SIZE
+    from smartiqa_jax.preprocess import SYMMETRIES
     t = config.train
     problems = []
     if t.loss not in losses.LOSSES:
