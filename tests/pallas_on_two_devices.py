@@ -87,9 +87,11 @@ seen()
 train_state.make_train_step(train_def, tx, losses.get_loss('l1'), mesh,
                             jax.tree.map(lambda x: x.sharding, state)).lower(state, batch)
 report['train_step_windows'] = seen()
-train_state.make_eval_step(eval_def, mesh).lower(state.params, batch['image'])
+# With each crop's mirror image too: the views go through jax.lax.map, each still split.
+train_state.make_eval_step(eval_def, mesh, symmetries=2).lower(state.params, batch['image'])
 report['eval_step_windows'] = seen()
-scorer = predict.Scorer(nnx.merge(eval_def, params), batch_images=2, crops=2)
-scorer._forward.lower(scorer._graphdef, scorer._mesh, scorer._state, scorer._place(images))
+scorer = predict.Scorer(nnx.merge(eval_def, params), batch_images=2, crops=2, symmetries=2)
+scorer._forward.lower(scorer._graphdef, scorer._mesh, scorer.symmetries, scorer._state,
+                      scorer._place(images))
 report['scorer_windows'] = seen()
 print(json.dumps(report))

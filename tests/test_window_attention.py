@@ -177,7 +177,8 @@ def test_auto_attention_is_the_default_and_xla_on_this_cpu():
 def test_pallas_kernels_run_per_device_under_the_data_mesh():
     """XLA cannot split a Pallas kernel over devices: on 2 devices each must run the kernels
     on its half of the windows (shard_map), with the same results and gradients (the
-    bias gradient summed over the devices), in the train and eval steps and predict."""
+    bias gradient summed over the devices), in the train and eval steps and predict (the
+    last two with each crop's mirror image too)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu',
            'PYTHONPATH': repo + os.pathsep + os.environ.get('PYTHONPATH', '')}
