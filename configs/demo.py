@@ -101,6 +101,12 @@ measured in full runs:
   higher than the epoch validation chose in two of the three runs (0.838 against
   0.817, 0.749 against 0.737), while validation (2 photos) rated it lower; the
   protocol keeps choosing on validation.
+- Not used (session 13): optim.warmup_epochs=1.0 instead of 0.5 (with the mirror
+  images above). Seeds 0 / 1 / 2: best validation 0.643 / 0.718 / 0.660 (epochs 3 / 10 /
+  7) against 0.694 / 0.718 / 0.660, test 0.719 / 0.809 / 0.752 against 0.822 / 0.807 /
+  0.736. Seeds 1 and 2 start sooner (validation 0.28 and 0.45 at epoch 2 against 0.06
+  and 0.08), and seed 2 ends with a lower training loss (0.12 against 0.16), but seed 0
+  loses more than they gain, and validation prefers the shorter warmup.
 
 Earlier: full 10-epoch runs of the session-6 config (patch norm, unaligned
 crops, one CPU device) with one change each (1310 steps of 16;
