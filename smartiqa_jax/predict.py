@@ -176,7 +176,11 @@ def checkpoint_resize(checkpoint_dir: str | os.PathLike) -> tuple[bool, preproce
 
     Returns (found, resize); (False, None) for a checkpoint without a training config.
     """
-    data = checkpoint_data_config(checkpoint_dir)
+    return stored_resize(checkpoint_data_config(checkpoint_dir))
+
+
+def stored_resize(data: dict) -> tuple[bool, preprocess.ResizeSpec]:
+    """checkpoint_resize from the `data` part of a training config already read."""
     if 'resize' not in data:
         return False, None
     value = data['resize']
@@ -683,22 +687,21 @@ def load_for_scoring(args: argparse.Namespace, log: Optional[TextIO] = None):
     except checkpoint.CheckpointError as e:
         raise UsageError(f'--checkpoint: {e}') from None
     try:   # the checkpoint's training config, where it has one
-        if args.resize is None:
-            found, stored = checkpoint_resize(directory)
-            resize = stored if found else preprocess.KONIQ_RESIZE
-            source = 'from the checkpoint\'s training config' if found else 'KonIQ protocol'
-        else:
-            resize, source = parse_resize(args.resize), 'from --resize'
-        trained = checkpoint_data_config(directory) if None in (
-            args.jpeg_aligned_crops, args.symmetries) else {}
-        jpeg_aligned = args.jpeg_aligned_crops
-        if jpeg_aligned is None:
-            jpeg_aligned = bool(trained.get('jpeg_aligned_crops', False))
-        symmetries = args.symmetries
-        if symmetries is None:
-            symmetries = trained.get('eval_symmetries', 1)
+        trained = checkpoint_data_config(directory)
     except checkpoint.CheckpointError as e:
         raise UsageError(f'--checkpoint {args.checkpoint}: {e}') from None
+    if args.resize is None:
+        found, stored = stored_resize(trained)
+        resize = stored if found else preprocess.KONIQ_RESIZE
+        source = 'from the checkpoint\'s training config' if found else 'KonIQ protocol'
+    else:
+        resize, source = parse_resize(args.resize), 'from --resize'
+    jpeg_aligned = args.jpeg_aligned_crops
+    if jpeg_aligned is None:
+        jpeg_aligned = bool(trained.get('jpeg_aligned_crops', False))
+    symmetries = args.symmetries
+    if symmetries is None:
+        symmetries = trained.get('eval_symmetries', 1)
     prep = Preprocessing(resize=resize, crops=crops, crop_mode=args.crop_mode, seed=args.seed,
                          max_pixels=args.max_pixels, jpeg_aligned=jpeg_aligned,
                          symmetries=symmetries)
