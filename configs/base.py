@@ -105,7 +105,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.loss_params.scale = 10.0    # fidelity, label units
     # After training: fit score = a * prediction + b on the training split and fold
     # it into the score layers, so a scale-free loss (plcc, rank_hinge, fidelity)
-    # still predicts on the label scale; writes workdir/model (train.calibrate_score_layers).
+    # still predicts on the label scale; writes workdir/model (train_params.calibrate_score_layers).
     config.train.calibrate = False
     config.train.patience = 5                # epochs without a better validation SRCC
     config.train.cpu_devices = 0             # > 0: split a CPU into this many data-parallel devices

@@ -14,6 +14,13 @@ finished run only repeats the final test.
 What lands in the workdir: checkpoints/ (orbax), metrics.jsonl (one JSON
 object per log line), tensorboard/ (event files), summary.json and
 curves.png.
+
+This module is the loop; its parts live beside it: train_config (the config's
+checks and what a resumed run may change), train_data (the splits, this
+process's training feed, the multi-crop evaluation sets), train_params (the
+initial parameters and the maps folded into the score layers), train_state
+(the jitted steps), train_checkpoint (orbax) and train_log (metrics, curves,
+the final table).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import ml_collections
@@ -32,597 +39,20 @@ import tqdm
 from flax import nnx
 
 from smartiqa_jax import compilation_cache, losses, optim, sharding, train_state
-from smartiqa_jax.metrics import quality_metrics
 from smartiqa_jax.train_checkpoint import TrainCheckpoints
+from smartiqa_jax.train_config import (ConfigError, check_config, check_resumable,
+                                       model_config_from, parse_cross_datasets)
+from smartiqa_jax.train_data import (DatasetNotFoundError, EvalSet, TrainFeed, check_splits,
+                                     expand_path, limit_records, load_splits, no_full_batch,
+                                     shard_layout, train_split_fingerprint)
+from smartiqa_jax.train_log import MetricLog, format_summary, plot_curves
+from smartiqa_jax.train_params import (ARCHITECTURE_KEYS, adopt_architecture, build_params,
+                                       calibrate_score_layers, init_label_map, load_init_model,
+                                       score_scale_of)
 
 
 class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite; nothing from then on was saved."""
-
-
-class DatasetNotFoundError(RuntimeError):
-    """The config's dataset is not on disk; the message says how to get it."""
-
-
-class ConfigError(ValueError):
-    """A config value the run cannot use; the message names the key."""
-
-
-# How to obtain each dataset, for the message when it is missing.
-_HOW_TO_GET = {
-    'koniq10k': (
-        'KonIQ-10k: download the 1024x768 images (koniq10k_1024x768.zip) and the '
-        'metadata from https://database.mmsp-kn.de/koniq-10k-database.html, unzip so '
-        'that ROOT/1024x768/*.jpg and ROOT/koniq10k_distributions_sets.csv exist (the '
-        'split csv is also in ../shared/data/koniq10k/ beside the repository).'),
-    'spaq': (
-        'SPAQ: download from https://github.com/h4nwei/SPAQ; ROOT holds the images '
-        'folder and "MOS and Image attribute scores.xlsx".'),
-    'kadid10k': (
-        'KADID-10k: download kadid10k.zip from https://database.mmsp-kn.de/kadid-10k-database.html; '
-        'ROOT holds images/ and dmos.csv.'),
-    'agiqa3k': (
-        'AGIQA-3K: download from https://github.com/lcysyzxdxc/AGIQA-3k-Database; '
-        'ROOT holds the images and data.csv.'),
-    'csv': 'A CSV + folder dataset: ROOT is the CSV file, images relative to its folder.',
-}
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _expand(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else path
-
-
-def csv_options(csv: ml_collections.ConfigDict) -> dict[str, Any]:
-    """config.data.csv as keyword arguments of data.read_csv_folder ('' / (): its default)."""
-    if csv.score_range and len(csv.score_range) != 2:
-        raise ConfigError(f'config.data.csv.score_range must be (low, high), got {csv.score_range}')
-    return dict(image_column=csv.image_column, score_column=csv.score_column,
-                split_column=csv.split_column or None,
-                group_column=csv.group_column or None,
-                images_dir=_expand(csv.images_dir) or None,
-                score_range=tuple(csv.score_range) or None,
-                higher_is_better=csv.higher_is_better)
-
-
-def load_splits(dataset: str, root: str, *, seed: int = 0,
-                csv: ml_collections.ConfigDict | None = None,
-                setting: str = 'config.data.root'):
-    """Records of every split of `dataset` under `root` (readers in smartiqa_jax.data).
-
-    seed: the seeded split of datasets without an official one (SPAQ, KADID-10k,
-    AGIQA-3K, a CSV without a split column); for 'demo', the dataset's own seed.
-    csv: config.data.csv, the columns of a 'csv' dataset (`root` is then the CSV).
-    setting: the config key that gave `root`, for the message.
-    Raises DatasetNotFoundError, naming where it looked and how to get the
-    data, when the files are not there.
-    """
-    from smartiqa_jax import data
-    root = _expand(root)
-    if dataset == 'demo':
-        return data.load_splits('demo', root, seed)
-    options = {} if dataset == 'koniq10k' else {'seed': seed}
-    if dataset == 'csv' and csv is not None:
-        options.update(csv_options(csv))
-    problem = None
-    if not root or not os.path.exists(root):
-        problem = f'{root or "(empty)"} does not exist'
-    else:
-        try:
-            return data.load_splits(dataset, root, **options)
-        except FileNotFoundError as e:
-            problem = str(e)
-        except data.DataError as e:
-            if 'not found' not in str(e):   # there, but unusable: say what is wrong with it
-                hint = (' (config.data.csv.image_column, score_column, split_column and '
-                        'group_column name the columns)'
-                        if dataset == 'csv' and 'missing column' in str(e) else '')
-                raise data.DataError(f'dataset {dataset!r} in {root} ({setting}): {e}{hint}') \
-                    from None
-            problem = str(e)
-    raise DatasetNotFoundError(
-        f'Dataset {dataset!r} not found: looked in {root or "(no path)"} '
-        f'({setting}): {problem}.\n'
-        f'{_HOW_TO_GET.get(dataset, "See the README for the supported datasets.")}\n'
-        f'Then pass --config.data.root=ROOT (cross-dataset sets: --config.data.cross_datasets).\n'
-        f'configs/demo.py trains on a built-in demo dataset without any download:\n'
-        f'  python -m smartiqa_jax.train --config configs/demo.py')
-
-
-def _parse_cross_datasets(spec: str) -> list[tuple[str, str]]:
-    """'spaq=/data/spaq,kadid10k=/data/kadid' -> [('spaq', '/data/spaq'), ...]."""
-    pairs = []
-    for item in filter(None, (s.strip() for s in spec.split(','))):
-        name, sep, root = item.partition('=')
-        if not sep:
-            raise ConfigError(f'config.data.cross_datasets entry {item!r} is not name=root')
-        pairs.append((name.strip(), root.strip()))
-    return pairs
-
-
-def shard_layout(data_config, global_batch_size: int) -> tuple[int, int]:
-    """(shards of the training stream, shards this process reads): config.data.shard_count."""
-    processes = jax.process_count()
-    shard_count = data_config.shard_count if data_config.shard_count > 0 else processes
-    if shard_count % processes:
-        raise ConfigError(f'config.data.shard_count {shard_count} must be a multiple of '
-                          f'the {processes} processes.')
-    if global_batch_size % shard_count:
-        raise ConfigError(f'The batch size {global_batch_size} does not divide into '
-                          f'{shard_count} data shards.')
-    return shard_count, shard_count // processes
-
-
-class TrainFeed:
-    """The training batches this process contributes to each global batch.
-
-    The data stream is cut into `shard_count` shards (config.data.shard_count,
-    default: one per process); this process reads its share of them and
-    concatenates their batches. So the global batch, and with it the whole
-    run, depends on the shard count only, not on how many processes run it:
-    one process reading two shards trains exactly as two processes reading
-    one each.
-    """
-
-    def __init__(self, records, data_config: ml_collections.ConfigDict, *,
-                 global_batch_size: int, seed: int):
-        from smartiqa_jax.data import as_source, make_decoded_cache, make_train_loader
-        index = jax.process_index()
-        shard_count, per_process = shard_layout(data_config, global_batch_size)
-        source = as_source(records)
-        # Every shard samples from the whole split (its fixed share of the patches
-        # spans all images; make_train_loader), so each needs every image: one decoded
-        # cache per process, shared by its shards, not one each.
-        cache = (make_decoded_cache(source, resize=_resize(data_config),
-                                    crop_size=data_config.crop_size)
-                 if data_config.cache else False)
-        self.cache = cache   # also read by the calibration pass over the training split
-        self.loaders = [
-            make_train_loader(
-                source, batch_size=global_batch_size // shard_count, seed=seed,
-                patches_per_image=data_config.patches_per_image,
-                crop_size=data_config.crop_size, resize=_resize(data_config),
-                hflip=data_config.hflip, color_jitter=data_config.color_jitter,
-                rotate90=data_config.rotate90, jpeg_aligned_crops=data_config.jpeg_aligned_crops,
-                worker_count=data_config.num_workers,
-                shard_index=shard, shard_count=shard_count, cache=cache)
-            for shard in range(index * per_process, (index + 1) * per_process)]
-        self.iterators = [iter(loader) for loader in self.loaders]
-        self.batches_per_epoch = self.loaders[0].batches_per_epoch
-        self.num_images = self.loaders[0].num_images
-
-    def next(self) -> dict[str, np.ndarray]:
-        parts = [next(it) for it in self.iterators]
-        return {k: np.concatenate([p[k] for p in parts]) for k in ('image', 'score')}
-
-
-def _limit(records: list, count: int) -> list:
-    """The first `count` records (every fifth first, to keep the label spread); all if count <= 0."""
-    if count <= 0 or count >= len(records):
-        return records
-    order = list(range(0, len(records), 5)) + [i for i in range(len(records)) if i % 5]
-    return [records[i] for i in sorted(order[:count])]
-
-
-def _resize(data_config) -> Any:
-    resize = data_config.resize
-    return tuple(resize) if resize else None
-
-
-class EvalSet:
-    """One split scored with the multi-crop protocol (SPEC 2)."""
-
-    def __init__(self, name: str, records, data_config, *, batch_size: int, seed: int,
-                 cache: Any = None):
-        """cache: a decoded cache of these records to share; None: per data_config.cache."""
-        from smartiqa_jax.data import image_scores, make_eval_loader
-        self.name = name
-        self.loader = make_eval_loader(
-            records, global_batch_size=batch_size, crops=data_config.eval_crops,
-            crop_mode=data_config.eval_crop_mode, seed=seed,
-            crop_size=data_config.crop_size, resize=_resize(data_config),
-            jpeg_aligned_crops=data_config.jpeg_aligned_crops,
-            worker_count=data_config.num_workers,
-            cache=data_config.cache if cache is None else cache)
-        self.labels = image_scores(records)
-
-    def evaluate(self, eval_step, params, mesh) -> dict[str, float]:
-        """Per-image SRCC/PLCC/KRCC/RMSE after averaging each image's crops.
-
-        Images that failed to decode (no crop) are left out and not counted; a
-        non-finite score of an image the model did see makes every metric NaN
-        (a diverged model must not win an epoch on the images it still scores).
-        """
-        per_image, scored = self.predict(eval_step, params, mesh, with_scored=True)
-        result = quality_metrics(per_image[scored], self.labels[scored])
-        result['images'] = int(scored.sum())
-        return result
-
-    def predict(self, eval_step, params, mesh, *, with_scored: bool = False):
-        """(n_images,) scores, each the mean of its crops; NaN where an image failed.
-
-        with_scored: also return the (n_images,) bool mask of images with a crop.
-        """
-        from smartiqa_jax.data import aggregate_crops
-        preds, indices, masks = [], [], []
-        for batch in self.loader:
-            images = sharding.shard_batch({'image': batch['image']}, mesh)['image']
-            preds.append(_local_rows(eval_step(params, images)))
-            indices.append(batch['index'])
-            masks.append(batch['mask'])
-        local = [np.concatenate(x) for x in (preds, indices, masks)]
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            local = [np.asarray(multihost_utils.process_allgather(x)).reshape(-1)
-                     for x in local]
-        per_image = aggregate_crops(local[1], local[0], self.loader.num_images, mask=local[2])
-        if not with_scored:
-            return per_image
-        valid = (local[1] >= 0) & local[2].astype(bool)
-        scored = np.bincount(local[1][valid], minlength=self.loader.num_images) > 0
-        return per_image, scored
-
-
-def _local_rows(array: jax.Array) -> np.ndarray:
-    """The rows of a batch-sharded global array that this process fed, in order."""
-    if jax.process_count() == 1:
-        return np.asarray(array)
-    shards = sorted(array.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def model_config_from(config: ml_collections.ConfigDict, scale=None):
-    """The SmartIQA ModelConfig of a run config (negative rates: released defaults).
-
-    scale: the training labels' ScoreScale. The label name and range the model
-    records are config.data.label_name / label_range where set, else the scale's
-    ('koniq10k MOS_zscore', 0..100 for KonIQ), else ModelConfig's defaults.
-    """
-    from smartiqa_jax.models import swin
-    from smartiqa_jax.models.smartiqa import ModelConfig
-    m = config.model
-    try:
-        swin.check_attention_backend(m.attention)
-    except ValueError as e:
-        raise ConfigError(f'config.model.attention: {e}') from None
-    labels = {}
-    if config.data.label_name or scale is not None:
-        labels['label_name'] = (config.data.label_name
-                                or f'{config.data.dataset} {scale.label}')
-    if config.data.label_range or scale is not None:
-        labels['label_range'] = tuple(config.data.label_range or (scale.low, scale.high))
-    try:
-        return ModelConfig(
-            variant=m.variant, fusion=m.fusion,
-            dropout=None if m.dropout < 0 else m.dropout,
-            drop_path_rate=None if m.drop_path_rate < 0 else m.drop_path_rate,
-            attention_dropout=m.attention_dropout, **labels,
-            dtype=config.train.compute_dtype, attention=m.attention, patch_norm=m.patch_norm)
-    except ValueError as e:
-        raise ConfigError(f'config.model: {e}') from None
-
-
-# The model settings a whole-model checkpoint (config.model.init_from) decides.
-ARCHITECTURE_KEYS = ('variant', 'fusion', 'patch_norm')
-# From-scratch initialisation settings that a whole-model checkpoint makes moot.
-INIT_KEYS = {'backbone_init': 'timm', 'hyper_conv_init': 'model', 'score_bias_init': 'model'}
-
-
-def load_init_model(config: ml_collections.ConfigDict):
-    """The model config.model.init_from names, for fine-tuning; None when it is ''.
-
-    A model checkpoint, a training workdir or step directory (the model
-    `smartiqa_jax.load` returns from it), or a released SMART-IQA PyTorch
-    state_dict file. Errors name the setting and the path.
-    """
-    if not config.model.init_from:
-        return None
-    from smartiqa_jax import checkpoint, weights
-    if config.model.backbone_weights:
-        raise ConfigError('config.model.init_from and config.model.backbone_weights both give '
-                          'the backbone; set one of them')
-    path = _expand(config.model.init_from)
-    try:
-        return checkpoint.load(path)
-    except (checkpoint.CheckpointError, weights.WeightsError) as e:
-        raise type(e)(f'config.model.init_from: {e}') from None
-    except ValueError as e:   # e.g. a model_config with keys of another version
-        raise ConfigError(f'config.model.init_from {path}: {e}') from None
-
-
-def adopt_architecture(config: ml_collections.ConfigDict, init_config) -> list[str]:
-    """Sets config.model's variant, fusion and patch_norm to the init model's, in place.
-
-    A fine-tuned model has the architecture of the one it starts from, so these
-    come from the checkpoint whatever the config says. Returns a line per setting
-    that changed and per from-scratch init setting that no longer applies.
-    """
-    notes = []
-    for key in ARCHITECTURE_KEYS:
-        value = getattr(init_config, key)
-        if config.model[key] != value:
-            notes.append(f'model.{key}: {value!r} from model.init_from '
-                         f'(the config said {config.model[key]!r})')
-            config.model[key] = value
-    for key, default in INIT_KEYS.items():
-        if config.model[key] != default:
-            notes.append(f'model.{key}={config.model[key]!r} not applied: every parameter '
-                         'comes from model.init_from')
-    return notes
-
-
-def init_label_map(init_config, target: Sequence[float]) -> tuple[float, float] | None:
-    """label_range_map from the init model's label range; None for an untrained head
-    (`convert from-timm`), whose scores are on no scale to map from."""
-    from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
-    if init_config.label_name == UNTRAINED_HEAD:
-        return None
-    return label_range_map(init_config.label_range, target)
-
-
-def label_range_map(source: Sequence[float], target: Sequence[float]
-                    ) -> tuple[float, float] | None:
-    """(a, b) taking label range `source` linearly onto `target`; None when they are equal.
-
-    Folded into the score layers (fold_affine), it makes a model trained on
-    KonIQ's 0..100 start a fine-tuning on 1..5 labels predicting 1..5.
-    """
-    (lo, hi), (new_lo, new_hi) = map(tuple, (source, target))
-    if (lo, hi) == (new_lo, new_hi):
-        return None
-    if not hi > lo:
-        raise ConfigError(f'label range {(lo, hi)} of model.init_from is empty')
-    a = (new_hi - new_lo) / (hi - lo)
-    return a, new_lo - a * lo
-
-
-def fold_affine(params: dict, a: float, b: float) -> dict:
-    """The parameters of the same model predicting a * score + b.
-
-    The score is b5 + w5 . q, with w5 and b5 Linears of the hyper feature, so
-    scaling both layers by a and adding b to b5's bias is exact.
-    """
-    params = dict(params)
-    params['w5_fc'] = {k: v * a for k, v in params['w5_fc'].items()}
-    params['b5_fc'] = {'kernel': params['b5_fc']['kernel'] * a,
-                       'bias': params['b5_fc']['bias'] * a + b}
-    return params
-
-
-def score_scale_of(config, labels: Sequence[float]) -> float:
-    """The factor the score layers are parameterised in (1: as released).
-
-    'label_std': the standard deviation of the training labels, so the run
-    trains as if on z-scored labels (optim.make_optimizer, score_scale).
-    """
-    if config.model.score_scale == 'label_std':
-        return float(np.std(labels)) or 1.0
-    if config.model.score_scale != 'model':
-        raise ConfigError(f"config.model.score_scale must be 'model' or 'label_std', "
-                          f"got {config.model.score_scale!r}")
-    return 1.0
-
-
-def _build_params(config, model_config, mesh, *, mean_label: float, score_scale: float = 1.0,
-                  init=None, read_weights: bool = True):
-    """Initial parameters: the model's init, then the config's backbone weights and score head.
-
-    init: a whole model to start from instead (config.model.init_from, via
-    load_init_model, with the architecture adopted): its parameters, with the
-    scores mapped from its label range onto model_config's (label_range_map).
-    read_weights: False skips config.model.backbone_weights (a resumed run, whose
-    checkpoint then gives every parameter).
-    """
-    from smartiqa_jax.models.smartiqa import SmartIQA
-    from smartiqa_jax.optim import SCORE_LAYERS
-    if config.model.backbone_init != 'timm' and config.model.backbone_weights:
-        raise ConfigError(f'config.model.backbone_init={config.model.backbone_init!r} is for '
-                          'training from scratch; it would overwrite config.model.backbone_weights')
-    train_graphdef, eval_graphdef, params = train_state.init_params(
-        lambda: SmartIQA(model_config, rngs=nnx.Rngs(config.seed)), mesh)
-    if init is not None:
-        loaded = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(init, nnx.Param)))
-        pairs = zip(jax.tree.leaves(loaded), jax.tree.leaves(params))
-        if jax.tree.structure(loaded) != jax.tree.structure(params) or any(
-                a.shape != b.shape for a, b in pairs):
-            raise ConfigError('config.model.init_from: its parameters do not fit the '
-                              f'{model_config.variant}/{model_config.fusion} model')
-        mapping = init_label_map(init.config, model_config.label_range)
-        if mapping:
-            loaded = fold_affine(loaded, *mapping)
-        return train_graphdef, eval_graphdef, sharding.replicate(loaded, mesh)
-    host = {}   # the parameters as a pure dict on the host, made by the first change
-
-    def editable() -> dict:
-        if not host:
-            host.update(jax.device_get(params))
-        return host
-
-    if config.model.backbone_weights and read_weights:
-        from smartiqa_jax import weights
-        model = nnx.merge(eval_graphdef, jax.device_get(params))
-        try:
-            weights.load_timm_backbone(model, _expand(config.model.backbone_weights))
-        except weights.WeightsError as e:
-            raise weights.WeightsError(f'config.model.backbone_weights: {e}') from None
-        host.update(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    if config.model.backbone_init == 'fan_in':
-        # timm's trunc-normal 0.02 suits Swin's widths of 96+ (and ImageNet-long
-        # schedules). In a 16- or 32-wide Swin a 0.02 Linear scales its input by
-        # ~0.1, so every block starts nearly as the identity and nearly linear.
-        # LeCun-normal (std 1/sqrt(fan_in)) makes the blocks nonlinear from the
-        # start: configs/demo.py uses it (its docstring has the comparison).
-        pure = editable()
-
-        def rescale(path, leaf):
-            leaf = np.asarray(leaf)
-            if path[-1].key == 'kernel' and leaf.ndim == 2:
-                return leaf * (leaf.shape[0] ** -0.5 / 0.02)
-            return leaf
-        pure['backbone'] = jax.tree_util.tree_map_with_path(rescale, pure['backbone'])
-    elif config.model.backbone_init != 'timm':
-        raise ConfigError(f"config.model.backbone_init must be 'timm' or 'fan_in', "
-                          f"got {config.model.backbone_init!r}")
-    if config.model.hyper_conv_init == 'kaiming':
-        # The released 1x1 conv stack before the hyper feature has PyTorch's
-        # default init (uniform, variance 1/(3 fan_in)): with ReLUs each layer
-        # shrinks its input ~2.4x, so from a random backbone the hyper feature
-        # is ~15x smaller than the fused features, and the generated weights
-        # are the generating layers' biases, nearly the same for every image.
-        # Kaiming-uniform (variance 2/fan_in, sqrt(6) times the released
-        # bound) keeps the scale, so the target network depends on the image
-        # from the first step.
-        for layer in editable()['hyper_convs'].values():
-            layer['kernel'] = np.asarray(layer['kernel']) * np.sqrt(6.0)
-    elif config.model.hyper_conv_init != 'model':
-        raise ConfigError(f"config.model.hyper_conv_init must be 'model' or 'kaiming', "
-                          f"got {config.model.hyper_conv_init!r}")
-    if score_scale != 1.0:
-        # The score is b5 + w5 . q with w5 and b5 Linears of the hyper feature.
-        # From a random backbone its spread over images starts far below a
-        # unit (nano: ~0.005), the labels' is ~20 on 0..100: under Adam, whose
-        # steps are ~lr whatever the gradient, those layers need thousands of
-        # steps to grow that far, and until then L1/L2 see a constant
-        # prediction. Scaled by the label std (and their rate by as much:
-        # optim.make_optimizer), they start and move at the labels' scale, as
-        # if the labels were z-scored; the parameters stay in label units.
-        pure = editable()
-        for name in SCORE_LAYERS:
-            pure[name] = {k: np.asarray(v) * score_scale for k, v in pure[name].items()}
-    if config.model.score_bias_init == 'mean_label':
-        # The score is b5 + w5 . q, and b5 is a Linear of the hyper feature: its
-        # bias sets where scores start. Starting at the mean label (instead of
-        # ~0 on a 0..100 scale) saves a from-scratch run hundreds of steps of
-        # only shifting its output, time in which the features do not learn.
-        bias = editable()['b5_fc']['bias']
-        host['b5_fc']['bias'] = np.full_like(bias, mean_label)
-    elif config.model.score_bias_init != 'model':
-        raise ConfigError(f"config.model.score_bias_init must be 'model' or 'mean_label', "
-                          f"got {config.model.score_bias_init!r}")
-    if host:
-        params = sharding.replicate(host, mesh)
-    return train_graphdef, eval_graphdef, params
-
-
-def calibrate_score_layers(params: dict, predictions: np.ndarray, labels: np.ndarray
-                           ) -> tuple[dict, tuple[float, float] | None]:
-    """Fits labels ~ a * predictions + b (least squares) and folds it into the score layers.
-
-    The fit is folded in by `fold_affine`: the model then predicts
-    a * score + b exactly. For a scale-free loss (plcc, rank_hinge, fidelity),
-    whose scores have an arbitrary scale and offset: the ranking, SRCC, PLCC
-    and KRCC are unchanged, RMSE becomes meaningful. Returns (params, (a, b)),
-    or (params unchanged, None) when a <= 0 (that would reverse the ranking)
-    or fewer than two distinct predictions are finite.
-    """
-    keep = np.isfinite(predictions)
-    x, y = np.asarray(predictions, np.float64)[keep], np.asarray(labels, np.float64)[keep]
-    if len(np.unique(x)) < 2:
-        return params, None
-    a, b = np.polyfit(x, y, 1)
-    if not a > 0:
-        return params, None
-    return fold_affine(params, a, b), (float(a), float(b))
-
-
-# ----------------------------------------------------------------------------- reporting
-
-
-class MetricLog:
-    """Metrics as JSON lines and TensorBoard scalars; only process 0 writes.
-
-    resume_step: the step the run starts from (0: a fresh start). What an
-    earlier attempt logged after it (work lost with the process, to be redone)
-    and its test results (repeated at the end) are dropped, so every step is
-    logged once.
-    """
-
-    def __init__(self, workdir: str, resume_step: int | None = None):
-        self.active = jax.process_index() == 0
-        if self.active:
-            from tensorboardX import SummaryWriter
-            path = os.path.join(workdir, 'metrics.jsonl')
-            if resume_step is not None and os.path.exists(path):
-                _truncate_metrics(path, resume_step)
-            self.jsonl = open(path, 'a')
-            self.tensorboard = SummaryWriter(
-                os.path.join(workdir, 'tensorboard'),
-                purge_step=None if resume_step is None else resume_step + 1)
-
-    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
-        if not self.active:
-            return
-        record = {'step': step, 'kind': kind, 'time': time.time(), **values}
-        self.jsonl.write(json.dumps(record) + '\n')
-        self.jsonl.flush()
-        for name, value in values.items():
-            if isinstance(value, (int, float)) and name not in ('epoch',):
-                self.tensorboard.add_scalar(f'{kind}/{name}', value, step)
-        self.tensorboard.flush()
-
-    def close(self) -> None:
-        if self.active:
-            self.jsonl.close()
-            self.tensorboard.close()
-
-
-def _truncate_metrics(path: str, resume_step: int) -> None:
-    """Rewrites metrics.jsonl keeping the records up to `resume_step`, tests excepted.
-
-    A line torn by a kill (not valid JSON) is dropped too. Written to a
-    temporary file and renamed, so an interruption leaves the old file whole.
-    """
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get('step', 0) <= resume_step and not record.get('kind', '').startswith('test/'):
-                kept.append(line if line.endswith('\n') else line + '\n')
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
-
-
-def plot_curves(history: Sequence[dict], path: str) -> None:
-    """PNG of train loss, validation SRCC and PLCC per epoch."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    epochs = [h['epoch'] for h in history]
-    fig, (ax_loss, ax_corr) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [h['train_loss'] for h in history], marker='o')
-    ax_loss.set(xlabel='epoch', ylabel='training loss', title='Training loss')
-    ax_corr.plot(epochs, [h['val_srcc'] for h in history], marker='o', label='SRCC')
-    ax_corr.plot(epochs, [h['val_plcc'] for h in history], marker='s', label='PLCC')
-    ax_corr.set(xlabel='epoch', ylabel='correlation', title='Validation')
-    ax_corr.legend()
-    for ax in (ax_loss, ax_corr):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def format_summary(results: dict[str, dict[str, float]], best_epoch: int) -> str:
-    """The final table: one row per evaluated set."""
-    lines = [f'Best epoch (by validation SRCC): {best_epoch}',
-             f'{"set":<24}{"images":>8}{"SRCC":>9}{"PLCC":>9}{"KRCC":>9}{"RMSE":>9}']
-    for name, m in results.items():
-        lines.append(f'{name:<24}{m["images"]:>8d}{m["srcc"]:>9.4f}{m["plcc"]:>9.4f}'
-                     f'{m["krcc"]:>9.4f}{m["rmse"]:>9.3f}')
-    return '\n'.join(lines)
-
-
-# ----------------------------------------------------------------------------- training
 
 
 @dataclasses.dataclass
@@ -671,145 +101,6 @@ def _nan_to_none(values: dict) -> dict:
             for k, v in values.items()}
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for a value that would fail later, after the data is read."""
-    from smartiqa_jax.data.pipeline import CROP_MODES
-    from smartiqa_jax.data.readers import READERS
-    from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES
-    from smartiqa_jax.models.swin import SWIN_INPUT_SIZE
-    from smartiqa_jax.preprocess import SYMMETRIES
-    t = config.train
-    problems = []
-    if t.loss not in losses.LOSSES:
-        problems.append(f'train.loss {t.loss!r} is not one of {", ".join(losses.LOSSES)}')
-    if config.optim.schedule_unit not in ('epoch', 'step'):
-        problems.append(f"optim.schedule_unit {config.optim.schedule_unit!r} is not 'epoch' "
-                        "or 'step'")
-    if config.data.eval_crop_mode not in CROP_MODES:
-        problems.append(f'data.eval_crop_mode {config.data.eval_crop_mode!r} is not one of '
-                        f'{", ".join(CROP_MODES)}')
-    for key in ('batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps',
-                'checkpoint_every_steps', 'keep_checkpoints'):
-        if t[key] < 1:
-            problems.append(f'train.{key} must be at least 1, got {t[key]}')
-    for key in ('patches_per_image', 'eval_crops'):
-        if config.data[key] < 1:
-            problems.append(f'data.{key} must be at least 1, got {config.data[key]}')
-    d = config.data
-    datasets = (*READERS, 'demo')
-    if d.dataset not in datasets:
-        problems.append(f'data.dataset {d.dataset!r} is not one of {", ".join(datasets)}')
-    try:
-        for name, _ in _parse_cross_datasets(d.cross_datasets):
-            if name not in datasets:
-                problems.append(f'data.cross_datasets: {name!r} is not one of '
-                                f'{", ".join(datasets)}')
-    except ConfigError as e:
-        problems.append(str(e).removeprefix('config.'))
-    if d.crop_size != SWIN_INPUT_SIZE:
-        problems.append(f'data.crop_size must be {SWIN_INPUT_SIZE} (the Swin backbone\'s input '
-                        f'size), got {d.crop_size}')
-    resize = tuple(d.resize or ())
-    if resize and (len(resize) != 2 or min(resize) < d.crop_size):
-        problems.append(f'data.resize must be () (keep the stored size) or (height, width), '
-                        f'each at least data.crop_size {d.crop_size}; got {d.resize}')
-    if d.eval_symmetries not in SYMMETRIES:
-        problems.append(f'data.eval_symmetries {d.eval_symmetries!r} is not one of '
-                        f'{", ".join(map(str, SYMMETRIES))}')
-    if d.eval_crop_mode == 'center' and d.eval_crops != 1:
-        problems.append(f"data.eval_crop_mode 'center' takes one crop per image; data.eval_crops "
-                        f"is {d.eval_crops} (use 'random' or 'grid' for more)")
-    for key in ('num_workers', 'split_seed'):
-        if d[key] < 0:
-            problems.append(f'data.{key} must be at least 0, got {d[key]}')
-    if t.compute_dtype not in COMPUTE_DTYPES:
-        problems.append(f'train.compute_dtype {t.compute_dtype!r} is not one of '
-                        f'{", ".join(COMPUTE_DTYPES)}')
-    if problems:
-        raise ConfigError('config: ' + '; '.join(problems))
-
-
-def train_split_fingerprint(records) -> dict:
-    """{'images', 'sha1'} of the training records' names and labels, in order: what a
-    resumed run compares (data.root may move; the images and labels may not change)."""
-    import hashlib
-    digest = hashlib.sha1()
-    for r in records:
-        digest.update(f'{r.name}\t{r.score!r}\n'.encode('utf-8', 'surrogateescape'))
-    return {'images': len(records), 'sha1': digest.hexdigest()}
-
-
-def _check_splits(splits, config) -> None:
-    for name in ('train', 'validation', 'test'):
-        if not splits[name]:
-            raise ConfigError(
-                f'the {name} split of {config.data.dataset} in {config.data.root} is empty: '
-                'the run trains on train, chooses its epoch on validation and tests on test '
-                '(a CSV: check its split column, config.data.csv.split_column)')
-    # Before any image is decoded (the decoded cache decodes the whole split first); the
-    # trainer checks again with the images that did decode.
-    if len(splits['train']) * config.data.patches_per_image < config.train.batch_size:
-        raise _no_full_batch(len(splits['train']), config)
-
-
-def _no_full_batch(num_images: int, config) -> ConfigError:
-    return ConfigError(
-        f'an epoch has no full batch: {num_images} training images x '
-        f'{config.data.patches_per_image} patches (config.data.patches_per_image) < '
-        f'config.train.batch_size {config.train.batch_size}')
-
-
-# Settings a resumed run may change: they do not change what it computes (or only
-# where it finds its files, or the label name and range recorded with the model).
-RESUME_MAY_CHANGE = frozenset({
-    'train.progress_bar', 'train.log_every_steps', 'train.checkpoint_every_steps',
-    'train.keep_checkpoints', 'train.compilation_cache_dir', 'train.cpu_devices',
-    'train.eval_batch_size', 'data.root', 'data.num_workers', 'data.cache',
-    'data.cross_datasets', 'data.csv.images_dir', 'data.label_name', 'data.label_range',
-    'model.attention', 'model.init_from', 'model.backbone_weights'})
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = value
-    return out
-
-
-def check_resumable(config_json: dict, checkpoints: TrainCheckpoints, step: int,
-                    iterators: int) -> None:
-    """Raises ConfigError when `config_json` would not continue the run saved at `step`.
-
-    Every setting but RESUME_MAY_CHANGE must be the saved one (settings one side
-    lacks, from another version, are not compared), and the run needs as many
-    processes and data iterators per process as wrote the checkpoint.
-    """
-    from smartiqa_jax.models.smartiqa import COMPUTE_DTYPES
-    saved = _flatten(checkpoints.stored_config(step))
-    if saved.get('train.compute_dtype', 'float32') not in COMPUTE_DTYPES:
-        # Saved before the dtype was checked (e.g. 'bf16'): anything but 'bfloat16' ran
-        # in float32, so that is the setting that continues it.
-        saved['train.compute_dtype'] = 'float32'
-    now = _flatten(config_json)
-    differ = [f'{key}: {saved[key]!r} in the checkpoint, {now[key]!r} now'
-              for key in sorted(saved.keys() & now.keys())
-              if key not in RESUME_MAY_CHANGE and saved[key] != now[key]]
-    if differ:
-        raise ConfigError(
-            f'{checkpoints.directory} holds a run with other settings, so it cannot resume '
-            f'with these; use another --workdir, or the run\'s own settings:\n  '
-            + '\n  '.join(differ))
-    layout = checkpoints.data_layout(step)
-    if layout is not None and layout != (jax.process_count(), iterators):
-        raise ConfigError(
-            f'{checkpoints.directory}/{step} was written by {layout[0]} process(es) reading '
-            f'{layout[1]} data shard(s) each; resume it with {layout[0]} process(es) '
-            f'(this run: {jax.process_count()} reading {iterators} each)')
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains per `config` in `workdir` (resuming if it holds checkpoints), then tests.
 
@@ -834,7 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # by its data can reach long after the others.
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices('smartiqa_jax.train: start')
-    workdir = _expand(workdir)
+    workdir = expand_path(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f'workdir {workdir} is a file: give a folder for the run '
                           '(checkpoints, logs and results)')
@@ -843,11 +134,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     splits = load_splits(config.data.dataset, config.data.root, seed=config.data.split_seed,
                          csv=config.data.csv)
-    splits = {name: _limit(records, config.data.max_images_per_split)
+    splits = {name: limit_records(records, config.data.max_images_per_split)
               for name, records in splits.items()}
-    _check_splits(splits, config)
+    check_splits(splits, config)
     cross = [(name, load_splits(name, root, setting='config.data.cross_datasets'))
-             for name, root in _parse_cross_datasets(config.data.cross_datasets)]
+             for name, root in parse_cross_datasets(config.data.cross_datasets)]
 
     mesh = sharding.make_mesh()
     for key in ('batch_size', 'eval_batch_size'):
@@ -882,7 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
         mapping = init_label_map(init.config, model_config.label_range)
         say(f'Fine-tuning {model_config.variant}/{model_config.fusion} from '
-            f'{_expand(config.model.init_from)}'
+            f'{expand_path(config.model.init_from)}'
             + (f'; scores mapped from {init.config.label_range} to {model_config.label_range}: '
                f'{mapping[0]:.4g} * score {mapping[1]:+.4g}' if mapping else '')
             + ('; its head is untrained (convert from-timm): config.model.backbone_weights '
@@ -891,12 +182,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_labels = [r.score for r in splits['train']]
     mean_label = float(np.mean(train_labels))
     score_scale = score_scale_of(config, train_labels)
-    train_graphdef, eval_graphdef, params = _build_params(
+    train_graphdef, eval_graphdef, params = build_params(
         config, model_config, mesh, mean_label=mean_label, score_scale=score_scale, init=init,
         read_weights=not resuming)
     if config.model.backbone_weights and not resuming:
         say(f'Swin-{model_config.variant} backbone weights from '
-            f'{_expand(config.model.backbone_weights)} (every key matched)')
+            f'{expand_path(config.model.backbone_weights)} (every key matched)')
 
     # Whether the workdir's run can go on with this config, before any data is decoded.
     _, shards_here = shard_layout(config.data, config.train.batch_size)
@@ -930,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.train.max_steps_per_epoch > 0:
         steps_per_epoch = min(steps_per_epoch, config.train.max_steps_per_epoch)
     if steps_per_epoch < 1:
-        raise _no_full_batch(feed.num_images, config)
+        raise no_full_batch(feed.num_images, config)
     total_steps = steps_per_epoch * config.train.num_epochs
     eval_kwargs = dict(batch_size=config.train.eval_batch_size, seed=config.seed)
     val_set = EvalSet('validation', splits['validation'], config.data, **eval_kwargs)

@@ -11,7 +11,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 import smartiqa_jax
-from smartiqa_jax import checkpoint, convert, weights
+from smartiqa_jax import checkpoint, convert, train_params, weights
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 from smartiqa_jax.torch_reference import SmartIQATorch
 
@@ -64,12 +64,11 @@ def test_from_timm_cli(tmp_path, crops):
     model = smartiqa_jax.load(ckpt)
     assert model.config.fusion == 'multiscale'
     # Its head is untrained: labelled so, and fine-tuning maps nothing from it.
-    from smartiqa_jax import train
     from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
     assert model.config.label_name == UNTRAINED_HEAD
-    assert train.init_label_map(model.config, (1.0, 5.0)) is None
+    assert train_params.init_label_map(model.config, (1.0, 5.0)) is None
     trained = ModelConfig('tiny', 'multiscale')            # KonIQ's 0..100
-    assert train.init_label_map(trained, (1.0, 5.0)) == pytest.approx((0.04, 1.0))
+    assert train_params.init_label_map(trained, (1.0, 5.0)) == pytest.approx((0.04, 1.0))
     np.testing.assert_array_equal(np.asarray(model.backbone.layers[3].blocks[1].attn.qkv.bias[...]),
                                   swin.state_dict()['layers.3.blocks.1.attn.qkv.bias'].numpy())
     # Wrong variant: a readable error and exit status 1, nothing written.

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from smartiqa_jax import preprocess
+from smartiqa_jax import preprocess, train_data
 from smartiqa_jax.data import pipeline, readers
 from tests import test_data_fixtures as fx
 
@@ -156,20 +156,19 @@ def test_cache_gives_the_same_batches(tmp_path):
 def test_one_cache_shared_by_the_shards_of_a_process(tmp_path, decode_counts):
     """TrainFeed reading two shards decodes the split once, not once per shard."""
     from configs import smoke
-    from smartiqa_jax import train
     decodes = decode_counts
     recs = records(tmp_path)
     data = smoke.get_config().data
     data.resize, data.crop_size, data.patches_per_image = (48, 40), 32, 2
     data.shard_count, data.cache = 2, True
-    feed = train.TrainFeed(recs, data, global_batch_size=8, seed=0)
+    feed = train_data.TrainFeed(recs, data, global_batch_size=8, seed=0)
     cached = [feed.next() for _ in range(4)]   # 24 patches / 8: crosses the epoch
     assert len(feed.iterators) == 2
     assert sorted(decodes) == sorted(r.name for r in recs)
     assert set(decodes.values()) == {1}, decodes
     # The same batches as decoding on the fly.
     data.cache = False
-    plain = train.TrainFeed(recs, data, global_batch_size=8, seed=0)
+    plain = train_data.TrainFeed(recs, data, global_batch_size=8, seed=0)
     assert_same_batches(cached, [plain.next() for _ in range(4)])
     # A cache is only taken by loaders it was made for.
     shared = pipeline.make_decoded_cache(recs, resize=(48, 40), crop_size=32)

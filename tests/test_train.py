@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 from configs import base, demo, smoke, small, tiny
-from smartiqa_jax import losses, optim, sharding, train, train_state
+from smartiqa_jax import (losses, optim, sharding, train, train_config, train_log, train_params,
+                          train_state)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +105,7 @@ def test_calibration_folds_an_affine_map_into_the_score_layers():
     images = jax.random.normal(jax.random.key(1), (3, 224, 224, 3))
     raw = np.asarray(nnx.merge(graphdef, params)(images)['score'])
     labels = 2.5 * raw - 7.0
-    calibrated, ab = train.calibrate_score_layers(params, raw, labels)
+    calibrated, ab = train_params.calibrate_score_layers(params, raw, labels)
     assert ab == pytest.approx((2.5, -7.0), rel=1e-3)
     new = np.asarray(nnx.merge(graphdef, calibrated)(images)['score'])
     np.testing.assert_allclose(new, labels, rtol=1e-4, atol=1e-4)
@@ -112,8 +113,8 @@ def test_calibration_folds_an_affine_map_into_the_score_layers():
     for name in set(params) - {'w5_fc', 'b5_fc'}:
         assert calibrated[name] is params[name]
     # Never reverses the ranking; nothing to fit from one distinct prediction.
-    assert train.calibrate_score_layers(params, raw, -labels) == (params, None)
-    assert train.calibrate_score_layers(params, np.ones(3), labels) == (params, None)
+    assert train_params.calibrate_score_layers(params, raw, -labels) == (params, None)
+    assert train_params.calibrate_score_layers(params, np.ones(3), labels) == (params, None)
 
 
 def test_the_eval_step_averages_the_symmetries_it_is_given():
@@ -121,7 +122,7 @@ def test_the_eval_step_averages_the_symmetries_it_is_given():
     config = smoke.get_config()
     mesh = sharding.make_mesh()
     _, eval_graphdef, params = train_state.init_params(
-        lambda: SmartIQA(train.model_config_from(config), rngs=nnx.Rngs(0)), mesh)
+        lambda: SmartIQA(train_config.model_config_from(config), rngs=nnx.Rngs(0)), mesh)
     images = jax.random.normal(jax.random.key(2), (2 * jax.device_count(), 224, 224, 3))
     plain = train_state.make_eval_step(eval_graphdef, mesh)
     for n in (2, 4):
@@ -137,7 +138,7 @@ def test_loss_falls_when_overfitting_one_batch():
     config.model.dropout = 0.0         # a clean signal: only the fit changes the loss
     config.optim.backbone.lr = config.optim.head.lr = 1e-3
     mesh = sharding.make_mesh()
-    model_config = train.model_config_from(config)
+    model_config = train_config.model_config_from(config)
     train_graphdef, _, params = train_state.init_params(
         lambda: SmartIQA(model_config, rngs=nnx.Rngs(0)), mesh)
     schedules = optim.make_schedules(config.optim, steps_per_epoch=20, num_epochs=1)
@@ -165,7 +166,8 @@ def test_loss_falls_when_overfitting_one_batch():
 
 def _initial_params(config, **kwargs) -> dict:
     mesh = sharding.make_mesh()
-    _, _, params = train._build_params(config, train.model_config_from(config), mesh, **kwargs)
+    model_config = train_config.model_config_from(config)
+    _, _, params = train_params.build_params(config, model_config, mesh, **kwargs)
     return jax.device_get(params)
 
 
@@ -175,7 +177,8 @@ def test_from_scratch_init_options_rescale_only_their_layers():
     released = _initial_params(config, mean_label=0.0)
     for name in ('model', 'label_std'):
         config.model.score_scale = name
-        assert train.score_scale_of(config, [10.0, 30.0]) == (10.0 if name == 'label_std' else 1.0)
+        expected = 10.0 if name == 'label_std' else 1.0
+        assert train_params.score_scale_of(config, [10.0, 30.0]) == expected
     config.model.hyper_conv_init = 'kaiming'
     config.model.backbone_init = 'fan_in'
     changed = _initial_params(config, mean_label=50.0, score_scale=20.0)
@@ -204,7 +207,7 @@ def test_from_scratch_init_options_reject_unknown_values():
         config = smoke.get_config()
         config.model[key] = value
         with pytest.raises(ValueError, match=key):
-            train.score_scale_of(config, [1.0, 2.0])
+            train_params.score_scale_of(config, [1.0, 2.0])
             _initial_params(config, mean_label=0.0)
     config = smoke.get_config()
     config.model.backbone_init = 'fan_in'
@@ -246,20 +249,20 @@ def test_configs_select_ablations_by_key():
     for module, variant in ((base, 'base'), (small, 'small'), (tiny, 'tiny'), (demo, 'pico'),
                             (smoke, 'nano')):
         config = module.get_config()
-        assert train.model_config_from(config).variant == variant
+        assert train_config.model_config_from(config).variant == variant
     config = base.get_config()
-    assert train.model_config_from(config) == ModelConfig(
+    assert train_config.model_config_from(config) == ModelConfig(
         variant='base', fusion='attention')
     for fusion in ('backbone', 'multiscale'):
         config.model.fusion = fusion
-        assert train.model_config_from(config).fusion == fusion
-    assert train.model_config_from(config).attention_dropout == 0.5   # released
+        assert train_config.model_config_from(config).fusion == fusion
+    assert train_config.model_config_from(config).attention_dropout == 0.5   # released
     config.model.attention_dropout = 0.0
-    assert train.model_config_from(config).attention_dropout == 0.0
+    assert train_config.model_config_from(config).attention_dropout == 0.0
     # The attention kernel is a key too; a GPU-only one on this CPU fails before any data.
     config.model.attention = 'pallas'
     with pytest.raises(ValueError, match="config.model.attention: attention='pallas' runs on GPUs"):
-        train.model_config_from(config)
+        train_config.model_config_from(config)
     config.model.attention = 'xla'
     for name in losses.LOSSES:
         config.train.loss = name
@@ -322,7 +325,7 @@ def test_metric_log_on_resume_keeps_each_step_once(tmp_path):
                {'step': 20, 'kind': 'validation'}, {'step': 30, 'kind': 'train'},
                {'step': 20, 'kind': 'test/test'}]
     path.write_text(''.join(json.dumps(r) + '\n' for r in records) + '{"step": 40, "ki')  # torn
-    log = train.MetricLog(str(tmp_path), resume_step=20)
+    log = train_log.MetricLog(str(tmp_path), resume_step=20)
     log.write(30, 'train', {'loss': 1.0})
     log.close()
     kept = [(r['step'], r['kind']) for r in map(json.loads, path.read_text().splitlines())]

@@ -12,7 +12,7 @@ import torch
 from safetensors.numpy import save_file
 
 from configs import smoke
-from smartiqa_jax import sharding, train, weights
+from smartiqa_jax import sharding, train, train_config, train_params, weights
 from smartiqa_jax.models.variants import get_variant
 from tests.test_swin_vs_timm import timm_swin
 
@@ -57,7 +57,7 @@ def _leaves(tree, prefix=()):
 def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files, monkeypatch,
                                                 capsys):
     seen = {}
-    build_params, make_train_step = train._build_params, train.train_state.make_train_step
+    build_params, make_train_step = train_params.build_params, train.train_state.make_train_step
 
     def spy_build_params(*args, **kwargs):
         seen['build_kwargs'] = kwargs
@@ -73,7 +73,7 @@ def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files,
             return step(state, batch)
         return first_step_recorded
 
-    monkeypatch.setattr(train, '_build_params', spy_build_params)
+    monkeypatch.setattr(train, 'build_params', spy_build_params)
     monkeypatch.setattr(train.train_state, 'make_train_step', spy_make_train_step)
     config = _config(demo_root, swin_files['nano'])
     summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
@@ -100,7 +100,7 @@ def test_training_starts_from_the_backbone_file(tmp_path, demo_root, swin_files,
 
     # The head starts as without the file: the model's init and the config's head options.
     scratch = jax.device_get(build_params(
-        _config(demo_root), train.model_config_from(config), sharding.make_mesh(),
+        _config(demo_root), train_config.model_config_from(config), sharding.make_mesh(),
         **seen['build_kwargs'])[2])
     head = [name for name in start if name != 'backbone']
     assert head and set(head) == {name for name in scratch if name != 'backbone'}

@@ -11,7 +11,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from configs import base, smoke
-from smartiqa_jax import checkpoint, sharding, train, weights
+from smartiqa_jax import (checkpoint, sharding, train, train_config, train_data, train_params,
+                          weights)
 from smartiqa_jax.data import DataError, ScoreScale
 from smartiqa_jax.models.smartiqa import SmartIQA
 from tests.test_train import _cli
@@ -58,22 +59,22 @@ def _csv_config(own_csv, split_column='set'):
 def test_csv_columns_split_names_and_label_scale_come_from_the_config(own_csv):
     _, folder, rows = own_csv
     config = _csv_config(own_csv)
-    splits = train.load_splits(config.data.dataset, config.data.root,
-                               seed=config.data.split_seed, csv=config.data.csv)
+    splits = train_data.load_splits(config.data.dataset, config.data.root,
+                                    seed=config.data.split_seed, csv=config.data.csv)
     for split, split_rows in rows.items():      # 'training' and 'val' mapped to ours
         assert [r.image for r in splits[split]] == [
             os.path.join(folder, r['file']) for r in split_rows]
         assert [r.score for r in splits[split]] == [float(r['mos']) for r in split_rows]
     scale = splits['train'][0].scale
     assert scale == ScoreScale('mos', 1.0, 5.0)
-    model_config = train.model_config_from(config, scale)
+    model_config = train_config.model_config_from(config, scale)
     assert (model_config.label_name, model_config.label_range) == ('csv mos', (1.0, 5.0))
     # The config's own label settings win over the data's.
     config.data.label_name, config.data.label_range = 'my MOS', (0.0, 10.0)
-    model_config = train.model_config_from(config, scale)
+    model_config = train_config.model_config_from(config, scale)
     assert (model_config.label_name, model_config.label_range) == ('my MOS', (0.0, 10.0))
     # KonIQ's defaults are unchanged: the name and range come from its reader's scale.
-    koniq = train.model_config_from(base.get_config(), ScoreScale('MOS_zscore', 0.0, 100.0))
+    koniq = train_config.model_config_from(base.get_config(), ScoreScale('MOS_zscore', 0.0, 100.0))
     assert (koniq.label_name, koniq.label_range) == ('koniq10k MOS_zscore', (0.0, 100.0))
 
 
@@ -82,7 +83,7 @@ def test_split_seed_reaches_a_seeded_split_and_groups_stay_together(own_csv):
     config.data.csv.group_column = 'scene'
 
     def train_images(seed):
-        splits = train.load_splits('csv', config.data.root, seed=seed, csv=config.data.csv)
+        splits = train_data.load_splits('csv', config.data.root, seed=seed, csv=config.data.csv)
         scenes = [{os.path.basename(r.image).split('_r')[0] for r in splits[s]}
                   for s in ('train', 'validation', 'test')]
         assert not (scenes[0] & scenes[1] or scenes[0] & scenes[2] or scenes[1] & scenes[2])
@@ -97,11 +98,11 @@ def test_bad_csv_settings_are_named(own_csv, tmp_path):
     config.data.csv.score_column = 'quality'
     # There but unusable: a DataError saying what is wrong, not "not found".
     with pytest.raises(DataError, match=r"missing column\(s\) \['quality'\]"):
-        train.load_splits('csv', config.data.root, csv=config.data.csv)
+        train_data.load_splits('csv', config.data.root, csv=config.data.csv)
     config = _csv_config(own_csv)
     config.data.csv.score_range = (1.0, 3.0, 5.0)
     with pytest.raises(ValueError, match='score_range must be'):
-        train.load_splits('csv', config.data.root, csv=config.data.csv)
+        train_data.load_splits('csv', config.data.root, csv=config.data.csv)
 
 
 def _params(model) -> dict:
@@ -125,18 +126,18 @@ def test_fine_tuning_starts_from_the_checkpoint_mapped_onto_the_new_label_range(
     config.model.hyper_conv_init = 'kaiming'
     source = checkpoint.load(ckpt)
 
-    init = train.load_init_model(config)
+    init = train_params.load_init_model(config)
     adopted = config.copy_and_resolve_references()
-    notes = train.adopt_architecture(adopted, init.config)
+    notes = train_params.adopt_architecture(adopted, init.config)
     assert (adopted.model.variant, adopted.model.fusion) == ('nano', 'attention')
     assert any("model.variant: 'nano'" in n and "'pico'" in n for n in notes)
     assert any('hyper_conv_init' in n and 'not applied' in n for n in notes)
 
-    model_config = train.model_config_from(adopted, ScoreScale('mos', 1.0, 5.0))
-    assert train.label_range_map((0.0, 100.0), (1.0, 5.0)) == pytest.approx((0.04, 1.0))
-    assert train.label_range_map((1.0, 5.0), (1.0, 5.0)) is None
-    _, _, params = train._build_params(adopted, model_config, sharding.make_mesh(),
-                                       mean_label=3.0, score_scale=2.0, init=init)
+    model_config = train_config.model_config_from(adopted, ScoreScale('mos', 1.0, 5.0))
+    assert train_params.label_range_map((0.0, 100.0), (1.0, 5.0)) == pytest.approx((0.04, 1.0))
+    assert train_params.label_range_map((1.0, 5.0), (1.0, 5.0)) is None
+    _, _, params = train_params.build_params(adopted, model_config, sharding.make_mesh(),
+                                             mean_label=3.0, score_scale=2.0, init=init)
     start, loaded = jax.device_get(params), _params(source)
     # Every parameter is the checkpoint's, the score layers mapped 0..100 -> 1..5.
     for path, value in jax.tree_util.tree_leaves_with_path(loaded):
@@ -188,7 +189,7 @@ def test_init_from_a_released_pytorch_file(ckpt, tmp_path, demo_root):
 
     config = smoke.get_config()
     config.model.init_from = path
-    init = train.load_init_model(config)
+    init = train_params.load_init_model(config)
     jax.tree.map(np.testing.assert_array_equal, _params(init), _params(source))
 
 
@@ -197,15 +198,15 @@ def test_a_bad_init_from_is_named(tmp_path, demo_root):
     config.model.init_from = str(tmp_path / 'nothing')
     with pytest.raises(checkpoint.CheckpointError,
                        match='^config.model.init_from: .*nothing: no such checkpoint'):
-        train.load_init_model(config)
+        train_params.load_init_model(config)
     timm_file = str(tmp_path / 'swin.safetensors')       # a backbone, not a SMART-IQA model
     save_file({'patch_embed.proj.weight': np.zeros((32, 3, 4, 4), np.float32)}, timm_file)
     config.model.init_from = timm_file
     with pytest.raises(weights.WeightsError, match='not a SMART-IQA state_dict'):
-        train.load_init_model(config)
+        train_params.load_init_model(config)
     config.model.backbone_weights = timm_file
     with pytest.raises(ValueError, match='init_from and config.model.backbone_weights'):
-        train.load_init_model(config)
+        train_params.load_init_model(config)
 
     # On the command line: one line naming the setting and the path, no traceback.
     run = _cli('--config', 'configs/smoke.py', '--workdir', str(tmp_path / 'w'),

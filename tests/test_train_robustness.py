@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 
 from configs import smoke
-from smartiqa_jax import checkpoint, sharding, train
+from smartiqa_jax import checkpoint, sharding, train, train_checkpoint, train_config, train_data
 from smartiqa_jax.data import DataError
 from smartiqa_jax.metrics import quality_metrics
+from smartiqa_jax.train_config import ConfigError
 from tests.test_train import REPO, _cli
 
 
@@ -72,7 +73,7 @@ def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path,
         with pytest.raises(AssertionError, match='input pipeline was built'):
             train.train_and_evaluate(config, str(tmp_path))
         return
-    with pytest.raises(train.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -93,15 +94,15 @@ def test_an_empty_split_is_named_before_training(missing, tmp_path, demo_root, n
     config = _config(demo_root, data__dataset='csv', data__root=path)
     config.data.csv.split_column = 'split'
     config.data.csv.images_dir = folder
-    with pytest.raises(train.ConfigError, match=f'the {missing} split of csv in {path} is empty'):
+    with pytest.raises(ConfigError, match=f'the {missing} split of csv in {path} is empty'):
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert not os.path.exists(tmp_path / 'run')   # no empty workdir left behind
 
 
 def test_too_few_training_images_for_one_batch(tmp_path, demo_root, no_data):
     config = _config(demo_root, data__max_images_per_split=3, data__cache=True)
-    with pytest.raises(train.ConfigError, match=r'an epoch has no full batch: 3 training images '
-                                                r'x 1 patches .* < config.train.batch_size 4'):
+    with pytest.raises(ConfigError, match=r'an epoch has no full batch: 3 training images '
+                                         r'x 1 patches .* < config.train.batch_size 4'):
         train.train_and_evaluate(config, str(tmp_path))
 
 
@@ -128,22 +129,23 @@ def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo
 
     # Settings that change what the run computes cannot change on resume.
     changed = _config(demo_root, train__batch_size=2, model__fusion='backbone')
-    with pytest.raises(train.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         train.train_and_evaluate(changed, workdir)
     assert 'model.fusion: \'attention\' in the checkpoint, \'backbone\' now' in str(e.value)
     assert 'train.batch_size: 4 in the checkpoint, 2 now' in str(e.value)
 
     # Nor the number of processes or data shards that wrote the data positions.
-    checkpoints = train.TrainCheckpoints(workdir, keep=2)
+    checkpoints = train_checkpoint.TrainCheckpoints(workdir, keep=2)
     step = checkpoints.latest_step()
     assert checkpoints.data_layout(step) == (1, 1)
-    with pytest.raises(train.ConfigError, match='written by 1 process.* reading 1 data shard'):
-        train.check_resumable(checkpoints.stored_config(step), checkpoints, step, iterators=2)
+    with pytest.raises(ConfigError, match='written by 1 process.* reading 1 data shard'):
+        stored = checkpoints.stored_config(step)
+        train_config.check_resumable(stored, checkpoints, step, iterators=2)
     checkpoints.close()
 
     # Nor the training split (data.root may move): fewer images, or one label changed
     # (smoke.py keeps 24 of the demo's training images, the first among them).
-    load_splits = train.load_splits
+    load_splits = train_data.load_splits
 
     def changed_split(change):
         def load(*args, **kwargs):
@@ -157,8 +159,8 @@ def test_resume_rewrites_the_best_step_and_refuses_other_settings(tmp_path, demo
                             (lambda records: [relabel(records[0], score=records[0].score + 1),
                                               *records[1:]], 'now other names or labels')):
         monkeypatch.setattr(train, 'load_splits', changed_split(change))
-        with pytest.raises(train.ConfigError, match='trained on another training split .*'
-                                                    + message):
+        with pytest.raises(ConfigError, match='trained on another training split .*'
+                                             + message):
             train.train_and_evaluate(_config(demo_root), workdir)
     monkeypatch.setattr(train, 'load_splits', load_splits)
 
@@ -200,21 +202,21 @@ def test_a_run_saved_with_a_legacy_compute_dtype_resumes_in_float32():
     now = smoke.get_config().to_dict()
     for legacy in ('bf16', 'float16'):
         stored = {**now, 'train': {**now['train'], 'compute_dtype': legacy}}
-        train.check_resumable(now, _StoredRun(stored), 10, iterators=1)
-        with pytest.raises(train.ConfigError, match=r"train.compute_dtype: 'float32' in the "
-                                                    r"checkpoint, 'bfloat16' now"):
-            train.check_resumable({**now, 'train': {**now['train'], 'compute_dtype': 'bfloat16'}},
-                                  _StoredRun(stored), 10, iterators=1)
+        train_config.check_resumable(now, _StoredRun(stored), 10, iterators=1)
+        with pytest.raises(ConfigError, match=r"train.compute_dtype: 'float32' in the "
+                                             r"checkpoint, 'bfloat16' now"):
+            changed = {**now, 'train': {**now['train'], 'compute_dtype': 'bfloat16'}}
+            train_config.check_resumable(changed, _StoredRun(stored), 10, iterators=1)
     stored = {**now, 'train': {**now['train'], 'compute_dtype': 'bfloat16'}}
-    with pytest.raises(train.ConfigError, match=r"'bfloat16' in the checkpoint, 'float32' now"):
-        train.check_resumable(now, _StoredRun(stored), 10, iterators=1)
+    with pytest.raises(ConfigError, match=r"'bfloat16' in the checkpoint, 'float32' now"):
+        train_config.check_resumable(now, _StoredRun(stored), 10, iterators=1)
 
 
 def test_a_nan_score_is_not_dropped_from_the_metrics(demo_root):
-    splits = train.load_splits('demo', demo_root)
+    splits = train_data.load_splits('demo', demo_root)
     config = _config(demo_root)
-    eval_set = train.EvalSet('validation', splits['validation'][:8], config.data,
-                             batch_size=4, seed=0)
+    eval_set = train_data.EvalSet('validation', splits['validation'][:8], config.data,
+                                  batch_size=4, seed=0)
     mesh = sharding.make_mesh()
 
     def scores(nan_at=None):
@@ -274,8 +276,8 @@ def test_a_fresh_run_refuses_a_workdir_with_an_earlier_runs_model(tmp_path, demo
     """No checkpoints to resume but a model/ (an earlier run whose checkpoints were
     removed): a new run there would leave that stale model where load(workdir) looks."""
     os.makedirs(tmp_path / 'run' / 'model')
-    with pytest.raises(train.ConfigError, match=r'holds the model of an earlier run .* '
-                                                'no checkpoints to resume'):
+    with pytest.raises(ConfigError, match=r'holds the model of an earlier run .* '
+                                         'no checkpoints to resume'):
         train.train_and_evaluate(_config(demo_root), str(tmp_path / 'run'))
 
 
