@@ -335,12 +335,25 @@ def _install_abandoned_read_filters() -> None:
         RuntimeWarning)
 
 
+def _reports_a_checkpoint_error(error: BaseException) -> bool:
+    """Whether `error` is a CheckpointError or was raised while handling one."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, CheckpointError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _abandoned_read(error: BaseException | None, message: str = '', *,
                     from_native_callback: bool = False) -> bool:
     """Whether `error` (and `message`) report a read that a failed restore abandoned."""
     if not _ABANDONED:
         return False
     if error is not None:
+        if _reports_a_checkpoint_error(error):
+            return False   # the failed load's own error, or one raised from it: the user's
         message += ''.join(traceback.format_exception(error))
     if any(directory in message for directory in _ABANDONED):
         return True

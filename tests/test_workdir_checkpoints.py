@@ -98,6 +98,13 @@ def test_a_corrupted_checkpoint_is_named_in_one_line(ckpt, tmp_path, capsys):
     assert run.stderr.strip().splitlines() == [
         f'error: --checkpoint {broken}: {broken}: the parameters in params/ are unreadable '
         f'(corrupt or truncated?): {run.stderr.split("truncated?): ", 1)[-1].strip()}']
+    # From the library, uncaught: the error is reported (the filter drops only the reads).
+    script = f'import smartiqa_jax; smartiqa_jax.load({str(broken)!r})'
+    run = subprocess.run([sys.executable, '-c', script],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert (f'smartiqa_jax.checkpoint.CheckpointError: {broken}: the parameters in params/ are '
+            'unreadable') in run.stderr
 
 
 def test_parameters_of_another_model_are_named(ckpt, tmp_path):
@@ -170,6 +177,17 @@ def test_only_the_reports_of_abandoned_reads_are_dropped(monkeypatch):
                                           from_native_callback=True)
     assert not checkpoint._abandoned_read(ValueError('x'), from_native_callback=True)
     assert checkpoint._abandoned_read(ValueError('reading /ckpt/broken/params failed'))
+    # The failed load's own error names the checkpoint too, and is the user's to see,
+    # uncaught or raised again as another error.
+    own = checkpoint.CheckpointError('/ckpt/broken: the parameters in params/ are unreadable')
+    assert not checkpoint._abandoned_read(own, from_native_callback=True)
+    try:
+        try:
+            raise own
+        except checkpoint.CheckpointError as e:
+            raise RuntimeError(f'my pipeline could not load {e}')
+    except RuntimeError as wrapped:
+        assert not checkpoint._abandoned_read(wrapped)
 
 
 def test_a_checkpoint_with_a_dtype_from_before_dtypes_were_checked_loads_in_float32(
