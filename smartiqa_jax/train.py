@@ -159,15 +159,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config = config.copy_and_resolve_references()   # the caller's config stays as given
         for note in adopt_architecture(config, init.config):
             say(f'Fine-tuning: {note}')
-    elif resuming and config.model.init_from:
-        # The architecture the run adopted from its model.init_from, as it saved it.
+    elif resuming:
+        # A fine-tuning run goes on with the architecture it adopted from its
+        # model.init_from, as it saved it, whatever init_from says now (it may be gone).
         from smartiqa_jax.checkpoint import training_config
         stored = training_config(os.path.join(checkpoint_dir, str(saved_steps[-1])))
         stored = stored.get('model') or {}
-        config = config.copy_and_resolve_references()
-        for key in ARCHITECTURE_KEYS:
-            if key in stored:
-                config.model[key] = stored[key]
+        if stored.get('init_from'):
+            config = config.copy_and_resolve_references()
+            for key in ARCHITECTURE_KEYS:
+                if key in stored:
+                    config.model[key] = stored[key]
     model_config = model_config_from(config, splits['train'][0].scale)
     if init is not None:
         from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD

@@ -173,6 +173,11 @@ def test_fine_tuning_starts_from_the_checkpoint_mapped_onto_the_new_label_range(
     out = capsys.readouterr().out
     assert 'Fine-tuning' not in out and 'Resumed from step 1' in out
     assert again['results']['test']['srcc'] == pytest.approx(summary['results']['test']['srcc'])
+    # Or with no init_from at all: the architecture is still the one the run adopted.
+    config.model.init_from = ''
+    again = train.train_and_evaluate(config, str(workdir))
+    assert 'Resumed from step 1' in capsys.readouterr().out
+    assert again['results']['test']['srcc'] == pytest.approx(summary['results']['test']['srcc'])
 
 
 def test_init_from_a_released_pytorch_file(ckpt, tmp_path, demo_root):

@@ -212,6 +212,20 @@ def test_a_run_saved_with_a_legacy_compute_dtype_resumes_in_float32():
         train_config.check_resumable(now, _StoredRun(stored), 10, iterators=1)
 
 
+def test_data_workers_and_cache_may_not_change_on_resume():
+    """The worker count changes how batches are put together, and the decoded cache which
+    images an epoch holds when some fail to decode: both are part of the data iterator's
+    saved state, so a resume names them instead of failing in the restore."""
+    now = smoke.get_config().to_dict()
+    for key, value in (('num_workers', now['data']['num_workers'] + 1),
+                       ('cache', not now['data']['cache'])):
+        changed = {**now, 'data': {**now['data'], key: value}}
+        with pytest.raises(ConfigError, match=rf'data.{key}: .* in the checkpoint'):
+            train_config.check_resumable(changed, _StoredRun(now), 10, iterators=1)
+    moved = {**now, 'data': {**now['data'], 'root': '/elsewhere'}}
+    train_config.check_resumable(moved, _StoredRun(now), 10, iterators=1)
+
+
 def test_a_nan_score_is_not_dropped_from_the_metrics(demo_root):
     splits = train_data.load_splits('demo', demo_root)
     config = _config(demo_root)
