@@ -137,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     splits = {name: limit_records(records, config.data.max_images_per_split)
               for name, records in splits.items()}
     check_splits(splits, config)
-    cross = [(name, load_splits(name, root, setting='config.data.cross_datasets'))
+    cross = [(name, root, load_splits(name, root, setting='config.data.cross_datasets'))
              for name, root in parse_cross_datasets(config.data.cross_datasets)]
 
     mesh = sharding.make_mesh()
@@ -356,9 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save_model(os.path.join(workdir, 'model'), nnx.merge(eval_graphdef, state.params),
                    force=True, training_config=config_json)
     test_sets = [EvalSet('test', splits['test'], config.data, **eval_kwargs)]
-    for name, cross_splits in cross:
+    for (name, root, cross_splits), label in zip(cross, _cross_labels(cross)):
         records = [r for split in cross_splits for r in cross_splits[split]]
-        test_sets.append(EvalSet(f'{name} (all)', records, config.data, **eval_kwargs))
+        test_sets.append(EvalSet(label, records, config.data, **eval_kwargs))
     results = {}
     for eval_set in test_sets:
         results[eval_set.name] = eval_set.evaluate(eval_step, state.params, mesh)
@@ -379,6 +379,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(format_summary(results, progress.best_epoch))
         print(f'Wrote {workdir}/summary.json, curves.png, metrics.jsonl, tensorboard/')
     return summary
+
+
+def _cross_labels(cross: Sequence[tuple]) -> list[str]:
+    """'spaq (all)' for each (name, root, ...) of the cross-dataset sets; a name listed more
+    than once (two CSVs) gets its file's name too, or its whole path if that repeats."""
+    names = [name for name, *_ in cross]
+    bases = [os.path.basename(root.rstrip('/')) for _, root, *_ in cross]
+    labels = []
+    for (name, root, *_), base in zip(cross, bases):
+        if names.count(name) > 1:
+            name += ' ' + (base if bases.count(base) == 1 else root)
+        labels.append(f'{name} (all)')
+    return labels
 
 
 def _check_finite(window: Sequence[dict], step: int, checkpoints: TrainCheckpoints) -> None:

@@ -54,10 +54,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if d.dataset not in datasets:
         problems.append(f'data.dataset {d.dataset!r} is not one of {", ".join(datasets)}')
     try:
-        for name, _ in parse_cross_datasets(d.cross_datasets):
+        pairs = parse_cross_datasets(d.cross_datasets)
+        for i, (name, root) in enumerate(pairs):
             if name not in datasets:
                 problems.append(f'data.cross_datasets: {name!r} is not one of '
                                 f'{", ".join(datasets)}')
+            if (name, root) in pairs[:i]:
+                problems.append(f'data.cross_datasets lists {name}={root} twice')
     except ConfigError as e:
         problems.append(str(e).removeprefix('config.'))
     if d.crop_size != SWIN_INPUT_SIZE:
@@ -76,6 +79,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ('num_workers', 'split_seed'):
         if d[key] < 0:
             problems.append(f'data.{key} must be at least 0, got {d[key]}')
+    if not 0 <= config.seed < 2**32:
+        problems.append(f'seed must be in 0..2**32-1 (the data order is drawn from it), '
+                        f'got {config.seed}')
     if t.compute_dtype not in COMPUTE_DTYPES:
         problems.append(f'train.compute_dtype {t.compute_dtype!r} is not one of '
                         f'{", ".join(COMPUTE_DTYPES)}')

@@ -62,7 +62,8 @@ def load_splits(dataset: str, root: str, *, seed: int = 0,
 
     seed: the seeded split of datasets without an official one (SPAQ, KADID-10k,
     AGIQA-3K, a CSV without a split column); for 'demo', the dataset's own seed.
-    csv: config.data.csv, the columns of a 'csv' dataset (`root` is then the CSV).
+    csv: config.data.csv, the columns of a 'csv' dataset (`root` is then the CSV);
+    None: the reader's defaults, columns image and score (cross-dataset sets).
     setting: the config key that gave `root`, for the message.
     Raises DatasetNotFoundError, naming where it looked and how to get the
     data, when the files are not there.
@@ -84,9 +85,11 @@ def load_splits(dataset: str, root: str, *, seed: int = 0,
             problem = str(e)
         except data.DataError as e:
             if 'not found' not in str(e):   # there, but unusable: say what is wrong with it
-                hint = (' (config.data.csv.image_column, score_column, split_column and '
-                        'group_column name the columns)'
-                        if dataset == 'csv' and 'missing column' in str(e) else '')
+                hint = ''
+                if dataset == 'csv' and 'missing column' in str(e):
+                    hint = (' (config.data.csv.image_column, score_column, split_column and '
+                            'group_column name the columns)' if csv is not None else
+                            ' (a CSV given here is read with the columns image and score)')
                 raise data.DataError(f'dataset {dataset!r} in {root} ({setting}): {e}{hint}') \
                     from None
             problem = str(e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Sequence
 
@@ -17,19 +18,22 @@ class MetricLog:
     resume_step: the step the run starts from (0: a fresh start). What an
     earlier attempt logged after it (work lost with the process, to be redone)
     and its test results (repeated at the end) are dropped, so every step is
-    logged once.
+    logged once. The test results ('test/...' kinds) go to TensorBoard's run
+    tensorboard/test, written afresh by each run that tests.
     """
 
     def __init__(self, workdir: str, resume_step: int | None = None):
         self.active = jax.process_index() == 0
+        self.test_tensorboard = None
         if self.active:
             from tensorboardX import SummaryWriter
             path = os.path.join(workdir, 'metrics.jsonl')
             if resume_step is not None and os.path.exists(path):
                 _truncate_metrics(path, resume_step)
             self.jsonl = open(path, 'a')
+            self.tensorboard_dir = os.path.join(workdir, 'tensorboard')
             self.tensorboard = SummaryWriter(
-                os.path.join(workdir, 'tensorboard'),
+                self.tensorboard_dir,
                 purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
@@ -38,15 +42,28 @@ class MetricLog:
         record = {'step': step, 'kind': kind, 'time': time.time(), **values}
         self.jsonl.write(json.dumps(record) + '\n')
         self.jsonl.flush()
+        writer = self._test_writer() if kind.startswith('test/') else self.tensorboard
         for name, value in values.items():
             if isinstance(value, (int, float)) and name not in ('epoch',):
-                self.tensorboard.add_scalar(f'{kind}/{name}', value, step)
-        self.tensorboard.flush()
+                writer.add_scalar(f'{kind}/{name}', value, step)
+        writer.flush()
+
+    def _test_writer(self):
+        # The test is logged at the best epoch's step, before the steps a rerun purges,
+        # and a rerun of a finished run repeats it: its events start afresh each time.
+        if self.test_tensorboard is None:
+            from tensorboardX import SummaryWriter
+            folder = os.path.join(self.tensorboard_dir, 'test')
+            shutil.rmtree(folder, ignore_errors=True)
+            self.test_tensorboard = SummaryWriter(folder)
+        return self.test_tensorboard
 
     def close(self) -> None:
         if self.active:
             self.jsonl.close()
             self.tensorboard.close()
+            if self.test_tensorboard is not None:
+                self.test_tensorboard.close()
 
 
 def _truncate_metrics(path: str, resume_step: int) -> None:

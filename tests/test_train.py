@@ -1,5 +1,7 @@
 """The trainer end to end on a tiny config, its bookkeeping, and its messages."""
 
+import csv
+import glob
 import io
 import json
 import math
@@ -47,10 +49,49 @@ def test_tiny_config_runs_the_trainer_end_to_end(tmp_path, demo_root):
     from smartiqa_jax.checkpoint import find_checkpoint
     assert find_checkpoint(tmp_path).name == str(best_step)
 
-    # Running again on a finished workdir only repeats the test.
+    # Running again on a finished workdir only repeats the test, here with two
+    # cross-dataset sets of one kind, told apart by their paths.
+    [labels] = glob.glob(os.path.join(demo_root, '*', 'labels.csv'))
+    with open(labels) as f:
+        rows = list(csv.DictReader(f))
+    cross = []
+    for name, part in (('a.csv', rows[:6]), ('b.csv', rows[6:14])):
+        path = str(tmp_path.parent / f'{tmp_path.name}_{name}')
+        with open(path, 'w') as f:
+            f.write('image,score\n' + ''.join(
+                f'{os.path.join(os.path.dirname(labels), r["image"])},{r["score"]}\n'
+                for r in part))
+        cross.append(path)
+    config.data.cross_datasets = ','.join(f'csv={path}' for path in cross)
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again['results']['test'] == pytest.approx(summary['results']['test'], nan_ok=True)
     assert summary['calibration'] is None and not os.path.exists(tmp_path / 'model')
+    names = ['test', f'csv {tmp_path.name}_a.csv (all)', f'csv {tmp_path.name}_b.csv (all)']
+    assert list(again['results']) == names
+    assert [again['results'][name]['images'] for name in names[1:]] == [6, 8]
+    assert train._cross_labels([('csv', '/x/a.csv'), ('csv', '/y/a.csv'), ('spaq', '/s')]) == [
+        'csv /x/a.csv (all)', 'csv /y/a.csv (all)', 'spaq (all)']
+    # TensorBoard holds each result once: the rerun's test replaced the first run's.
+    events = _scalar_events(tmp_path / 'tensorboard')
+    tests = [(tag, step) for tag, step in events if tag.startswith('test/')]
+    assert len({tag.rsplit('/', 1)[0] for tag, _ in tests}) == 3
+    assert ('test/test/srcc', summary['best_step']) in tests
+    assert sorted(events) == sorted(set(events))
+
+
+def _scalar_events(folder) -> list[tuple[str, int]]:
+    """(tag, step) of every scalar in the TensorBoard event files under `folder`."""
+    from tensorboardX.proto import event_pb2
+    found = []
+    for path in glob.glob(os.path.join(folder, '**', 'events.*'), recursive=True):
+        data = open(path, 'rb').read()
+        at = 0
+        while at < len(data):    # TFRecords: length (8 bytes), its CRC (4), data, CRC (4)
+            length = int.from_bytes(data[at:at + 8], 'little')
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+            at += 16 + length
+            found += [(value.tag, event.step) for value in event.summary.value]
+    return found
 
 
 def test_calibrated_run_writes_the_model_that_load_returns(tmp_path, demo_root, decode_counts):

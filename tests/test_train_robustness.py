@@ -26,6 +26,9 @@ def _config(demo_root, **changes):
     config = smoke.get_config()
     config.data.root = demo_root
     for key, value in changes.items():
+        if '__' not in key:
+            config[key] = value
+            continue
         section, name = key.split('__')
         if name == 'resize':   # a tuple of another length than the default's
             config[section][name] = None
@@ -53,6 +56,8 @@ def no_data(monkeypatch):
     ({'data__dataset': 'nope'}, "data.dataset 'nope' is not one of koniq10k, .*demo"),
     ({'data__cross_datasets': 'nope=/x'}, "data.cross_datasets: 'nope' is not one of"),
     ({'data__cross_datasets': 'spaq'}, "data.cross_datasets entry 'spaq' is not name=root"),
+    ({'data__cross_datasets': 'spaq=/x, spaq=/x'}, 'data.cross_datasets lists spaq=/x twice'),
+    ({'seed': -1}, r'seed must be in 0..2\*\*32-1 .*got -1'),
     ({'data__crop_size': 0}, "data.crop_size must be 224 .*got 0"),
     ({'data__resize': (256,)}, r'data.resize must be \(\) .* or \(height, width\)'),
     ({'data__resize': (10, 10)}, r'each at least data.crop_size 224; got \(10, 10\)'),
@@ -64,8 +69,8 @@ def no_data(monkeypatch):
     ({'data__eval_symmetries': 3}, 'data.eval_symmetries 3 is not one of 1, 2, 4, 8'),
     ({'train__batch_size': 3}, None),   # a valid odd batch on one device: no error
 ], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'attention',
-         'dataset', 'cross_name', 'cross_form', 'crop_size', 'resize_one', 'resize_small',
-         'center_crops', 'workers', 'split_seed', 'dtype', 'symmetries', 'ok'])
+         'dataset', 'cross_name', 'cross_form', 'cross_twice', 'seed', 'crop_size', 'resize_one',
+         'resize_small', 'center_crops', 'workers', 'split_seed', 'dtype', 'symmetries', 'ok'])
 def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path, demo_root,
                                                       no_data):
     config = _config(demo_root, **change)
@@ -333,3 +338,11 @@ def test_a_csv_that_is_there_but_unusable_is_not_called_missing(tmp_path, demo_r
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert 'not found' not in str(e.value) and 'demo' not in str(e.value)
     assert '(config.data.csv.image_column, score_column, split_column' in str(e.value)
+    # The same CSV as a cross-dataset set: read with the default columns, whatever
+    # config.data.csv says, and the message says so.
+    config = _config(demo_root, data__cross_datasets=f'csv={path}')
+    with pytest.raises(DataError, match=rf"dataset 'csv' in {path} "
+                                        rf"\(config.data.cross_datasets\): .*missing column") as e:
+        train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert 'read with the columns image and score' in str(e.value)
+    assert 'config.data.csv' not in str(e.value)
