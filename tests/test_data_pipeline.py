@@ -1,6 +1,7 @@
 """The grain pipeline: shapes, normalisation, determinism, epochs, eval crops, shards, state."""
 
 import collections
+import glob
 import logging
 import os
 
@@ -150,7 +151,24 @@ def test_cache_gives_the_same_batches(tmp_path):
     plain = take(iter(train_loader(recs)), 3)
     cached = take(iter(train_loader(recs, cache=str(tmp_path / 'cache'))), 3)
     assert_same_batches(plain, cached)
-    assert os.path.getsize(tmp_path / 'cache' / 'pixels.u8') == 12 * 48 * 40 * 3
+    [path] = glob.glob(str(tmp_path / 'cache' / 'pixels_*.u8'))
+    assert os.path.getsize(path) == 12 * 48 * 40 * 3
+
+
+def test_caches_in_one_folder_do_not_overwrite_each_other(tmp_path):
+    """Loaders given one cache folder (validation and test, say) each get a file of their
+    own: a second cache rewriting the first's memory-mapped file kills the process."""
+    recs = records(tmp_path)
+    folder = str(tmp_path / 'cache')
+    args = dict(global_batch_size=4, crops=2, crop_mode='random', crop_size=32, resize=(48, 40),
+                cache=folder)
+    first = pipeline.make_eval_loader(recs[:6], **args)
+    before = list(first)
+    pipeline.make_eval_loader(recs[6:], **args)
+    assert len(glob.glob(os.path.join(folder, 'pixels_*.u8'))) == 2
+    assert_same_batches(list(first), before)
+    plain = pipeline.make_eval_loader(recs[:6], **{**args, 'cache': False})
+    assert_same_batches(list(plain), before)
 
 
 def test_one_cache_shared_by_the_shards_of_a_process(tmp_path, decode_counts):

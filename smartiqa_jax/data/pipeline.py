@@ -121,7 +121,9 @@ class DecodedImageCache:
     (and pickling to a worker sends only the path). A fixed (h, w) resize
     needs N*h*w*3 bytes (KonIQ train at 512x384: 4.2 GB). Images that fail
     to decode are excluded and reported (see `valid_indices`). The file is
-    deleted when the creating process exits, unless `directory` was given.
+    made in `directory` (default: a new temporary folder) under a name of its
+    own, so caches can share a folder, and deleted when the creating process
+    exits.
     """
 
     def __init__(self, source: Any, resize: preprocess.ResizeSpec, min_side: int = 0,
@@ -133,7 +135,10 @@ class DecodedImageCache:
         owned = directory is None
         directory = directory or tempfile.mkdtemp(prefix='smartiqa_cache_')
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, 'pixels.u8')
+        # A name of its own: another cache in the folder may be memory-mapped right now,
+        # and rewriting its file under it would kill that process (SIGBUS).
+        handle, self.path = tempfile.mkstemp(prefix='pixels_', suffix='.u8', dir=directory)
+        os.close(handle)
         n = len(source)
         self.offsets = np.full(n, -1, np.int64)
         self.shapes = np.zeros((n, 3), np.int64)
@@ -164,6 +169,8 @@ class DecodedImageCache:
         self.report.kept = {'cached': len(self.valid_indices)}
         if owned:
             atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        else:
+            atexit.register(_remove_file, self.path)
         self._memmap = None
         log.info('decoded cache: %d images, %.1f MB at %s', len(self.valid_indices),
                  offset / 1e6, self.path)
@@ -186,6 +193,13 @@ class DecodedImageCache:
 
     def __len__(self) -> int:
         return len(self.offsets)
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class _PixelReader:
