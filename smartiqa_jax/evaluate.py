@@ -188,7 +188,11 @@ def csv_options(args: argparse.Namespace, trained: Optional[dict] = None) -> dic
 def trained_split_options(training_config: dict, key: str, root: str) -> Optional[dict]:
     """The split settings of the run that trained the checkpoint, if it trained on dataset
     `key` (for a CSV: one of the same file name): its seed, and a CSV's columns. Testing
-    with them keeps the test split the run never trained on. None otherwise."""
+    with them keeps the test split the run never trained on. None otherwise.
+
+    A CSV's image folder (csv.images_dir) is taken only when `root` is the very file the
+    run trained on: a CSV of the same name elsewhere (moved, or another dataset's
+    labels.csv) finds its images beside it, or where --csv-images-dir says."""
     data = training_config.get('data') or {}
     if data.get('dataset') != DATASETS[key].reader:
         return None
@@ -196,16 +200,25 @@ def trained_split_options(training_config: dict, key: str, root: str) -> Optiona
         return {}   # the official split
     if key != 'csv':
         return {'seed': int(data.get('split_seed') or 0)}
-    if os.path.basename(str(data.get('root', ''))) != os.path.basename(root):
+    trained_root = str(data.get('root', ''))
+    if os.path.basename(trained_root) != os.path.basename(root):
         return None
+    same_file = _resolved(trained_root) == _resolved(root)
     csv = data.get('csv') or {}
     options = {'seed': int(data.get('split_seed') or 0)}
     for option in ('image_column', 'score_column', 'split_column', 'group_column',
                    'images_dir', 'score_range', 'higher_is_better'):
         value = csv.get(option)
-        if value not in (None, '', [], ()):
-            options[option] = tuple(value) if option == 'score_range' else value
+        if value in (None, '', [], ()) or (option == 'images_dir' and not same_file):
+            continue
+        options[option] = (tuple(value) if option == 'score_range' else
+                           _resolved(value) if option == 'images_dir' else value)
     return options
+
+
+def _resolved(path: str) -> str:
+    """`path` as the trainer reads it: ~ expanded, made absolute."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def read_records(key: str, root: str, split: str, options: Optional[dict] = None):

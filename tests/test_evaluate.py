@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -208,6 +209,16 @@ def test_a_training_runs_model_is_tested_on_the_split_that_run_made(ckpt, data_r
     from smartiqa_jax import data
     expected = {r.name for r in data.load_splits('spaq', str(data_root / 'spaq'), seed=5)['test']}
     assert names['run'] == expected != names['plain']
+    # A CSV's image folder comes along only for the very file the run read (~ expanded):
+    # another labels.csv, or this one moved, finds its images beside it.
+    trained_csv = {'data': {'dataset': 'csv', 'root': '~/a/labels.csv',
+                            'csv': {'images_dir': '~/a/photos', 'score_column': 'mos'}}}
+    home = os.path.expanduser('~')
+    same = evaluate.trained_split_options(trained_csv, 'csv', f'{home}/a/labels.csv')
+    assert same['images_dir'] == f'{home}/a/photos' and same['score_column'] == 'mos'
+    other = evaluate.trained_split_options(trained_csv, 'csv', '/data/b/labels.csv')
+    assert 'images_dir' not in other and other['score_column'] == 'mos'
+    assert evaluate.trained_split_options(trained_csv, 'csv', '/data/b/mine.csv') is None
 
 
 def test_default_output_folders_of_different_checkpoints_differ():
