@@ -4,6 +4,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from smartiqa_jax.data import pipeline, tfds_builders
 from tests import test_data_fixtures as fx
@@ -84,6 +85,13 @@ def test_csv_command_line_takes_every_csv_setting_and_reports_bad_data(tmp_path,
     assert tfds_builders.main(common + ['--name', 'bad']) == 1
     err = capsys.readouterr().err
     assert 'mine.csv' in err and "missing column(s) ['image', 'score']" in err, err
+    # A name is required, and one TFDS has for another config is refused in a line.
+    with pytest.raises(SystemExit) as e:
+        tfds_builders.main(common)
+    assert e.value.code == 2 and 'csv needs --name NAME' in capsys.readouterr().err
+    assert tfds_builders.main(common + ['--name', 'default', '--image_column', 'file']) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('tfds_builders: csv (--name default): ') and '\n' not in err, err
     assert tfds_builders.main(common + [
         '--name', 'mine', '--images_subdir', 'pics', '--image_column', 'file',
         '--score_column', 'mos', '--group_column', 'scene', '--seed', '3',

@@ -234,23 +234,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      default=None, help="the scale's ends (default: the scores' min and max)")
     csv.add_argument('--lower_is_better', action='store_true',
                      help='scores are distortion levels (DMOS), not quality')
-    csv.add_argument('--name', default='default', help='a name for this dataset')
+    csv.add_argument('--name', default=None,
+                     help='a name for this dataset (required): its folder under the builder\'s')
     args = parser.parse_args(argv)
     config = args.config
     if args.dataset == 'csv':
+        if not args.name:
+            parser.error('csv needs --name NAME, a name for this dataset (e.g. --name mydata)')
         config = CsvFolderConfig(
             name=args.name, csv_name=args.csv_name, images_subdir=args.images_subdir,
             image_column=args.image_column, score_column=args.score_column,
             split_column=args.split_column, group_column=args.group_column, seed=args.seed,
             score_range=tuple(args.score_range) if args.score_range else None,
             higher_is_better=not args.lower_is_better)
-    existing = None if args.overwrite else already_built(args.dataset, args.data_dir,
-                                                         config=config)
     try:
+        existing = None if args.overwrite else already_built(args.dataset, args.data_dir,
+                                                             config=config)
         builder = build(args.dataset, args.manual_dir, args.data_dir, config=config,
                         strict=args.strict, overwrite=args.overwrite)
     except (quality.DataError, FileNotFoundError) as e:
         print(f'tfds_builders: {e}', file=sys.stderr)
+        return 1
+    except ValueError as e:   # e.g. TFDS refusing a config name it has for another config
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        which = f'--name {args.name}' if args.dataset == 'csv' else f'--config {args.config}'
+        print(f'tfds_builders: {args.dataset} ({which}): {first}', file=sys.stderr)
         return 1
     splits = {k: v.num_examples for k, v in builder.info.splits.items()}
     if existing:
