@@ -210,3 +210,23 @@ def test_a_csv_root_that_cannot_be_read_as_one_is_named(tmp_path):
                                                     rf"'score'\]; .* seems to separate its columns "
                                                     rf'with {name}, and a comma-separated'):
             readers.read_csv_folder(str(other))
+
+
+def test_a_stray_double_quote_is_named_with_its_line(tmp_path):
+    """A quote opened and never closed makes one field of the lines after it: a few lines
+    read as one image name, thousands overflow the csv module's field limit. Either way
+    the file and the line are named."""
+    fx.make_csv_folder(str(tmp_path), n=3)
+    short = tmp_path / 'short.csv'
+    short.write_text('image,score\nimages/img000.png,10\n"images/img001.png,20\n'
+                     'images/img002.png,30\n')
+    with pytest.raises(quality.DataError,
+                       match=r'short.csv, line 3: a value runs over lines 3-4; an unbalanced '
+                             r'double quote \("\)\?'):
+        readers.read_csv_folder(str(short))
+    long = tmp_path / 'long.csv'
+    long.write_text('image,score\n"images/img000.png,10\n'
+                    + ''.join(f'images/img{i:06d}.png,{i}\n' for i in range(8000)))
+    with pytest.raises(quality.DataError, match=r'long.csv, line \d+: field larger than field '
+                                                r'limit .*unbalanced double quote'):
+        readers.read_csv_folder(str(long))

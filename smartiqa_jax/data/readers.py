@@ -211,9 +211,21 @@ def _read_csv(path: str, required: Sequence[str]) -> list[dict[str, str]]:
                              if len(header) == 1 and sep in header[0]), '')
                 raise quality.DataError(
                     f'{path}: missing column(s) {missing}; header is {header}{hint}')
-            return list(reader)
+            rows, end = [], reader.line_num
+            for row in reader:
+                # A stray double quote makes one field of the lines up to the next one.
+                if any('\n' in row[c] or '\r' in row[c] for c in required):
+                    raise quality.DataError(
+                        f'{path}, line {end + 1}: a value runs over lines {end + 1}-'
+                        f'{reader.line_num}; an unbalanced double quote (")?')
+                rows.append(row)
+                end = reader.line_num
+            return rows
     except UnicodeDecodeError as e:
         raise quality.DataError(f'{path}: not UTF-8 text ({e}); save the CSV as UTF-8') from None
+    except csv.Error as e:
+        raise quality.DataError(f'{path}, line {reader.line_num}: {e} (an unbalanced double '
+                                'quote (")?)') from None
 
 
 # --------------------------------------------------------------------------
