@@ -50,16 +50,19 @@ def read_bytes(image: Union[bytes, str, os.PathLike]) -> bytes:
         return f.read()
 
 
-def _sixteen_bit_to_uint8(img: Image.Image) -> np.ndarray:
+def _sixteen_bit_to_uint8(img: Image.Image, file_format: str | None = None) -> np.ndarray:
     """Single-channel 16/32-bit or float image -> uint8 (H, W).
 
     PIL's own convert('L') clips these instead of scaling, which would turn a
-    normal 16-bit photo white.
+    normal 16-bit photo white. file_format: the file's (PIL's img.format), read
+    before any transpose (whose copy drops it): Pillow scales a 16-bit PGM/PPM
+    to 0..65535 whatever its maximum, so a dark one is not 8-bit data.
     """
     values = np.asarray(img, dtype=np.float64)
     if img.mode == 'F':
         top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
-    elif img.mode.startswith('I;16') or values.max(initial=0.0) > 255:
+    elif (img.mode.startswith('I;16') or file_format == 'PPM'
+          or values.max(initial=0.0) > 255):
         top = 65535.0
     else:
         top = 255.0
@@ -74,9 +77,10 @@ def to_rgb(img: Image.Image) -> np.ndarray:
     colour hidden under alpha 0 is arbitrary, often black), and 16-bit or float
     single-channel images are scaled (not clipped) to 8 bits.
     """
+    file_format = img.format
     img = ImageOps.exif_transpose(img)
     if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
-        gray = _sixteen_bit_to_uint8(img)
+        gray = _sixteen_bit_to_uint8(img, file_format)
         return np.repeat(gray[:, :, None], 3, axis=2)
     has_alpha = img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
         img.mode == 'P' and 'transparency' in img.info)

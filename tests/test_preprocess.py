@@ -63,6 +63,11 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     assert img.mode.startswith('I;16')
     out = preprocess.decode_image(encode(img, 'PNG'))
     np.testing.assert_array_equal(out[0, :, 0], [0, 128, 255])
+    # A dark 16-bit PGM (maxval 65535, values under 256): Pillow reads it as mode 'I',
+    # already on 0..65535; it must not be taken for 8-bit data.
+    dark = np.array([[0, 128, 200, 255]], '>u2')
+    pgm = b'P5 4 1 65535\n' + dark.tobytes()
+    np.testing.assert_array_equal(preprocess.decode_image(pgm)[0, :, 0], [0, 0, 1, 1])
 
 
 def test_exif_orientation_is_applied():
