@@ -32,6 +32,7 @@ decoded are left out of the metrics and counted), 2 usage or missing data.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import dataclasses
 import json
@@ -221,10 +222,13 @@ def _resolved(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def read_records(key: str, root: str, split: str, options: Optional[dict] = None):
+def read_records(key: str, root: str, split: str, options: Optional[dict] = None, *,
+                 with_excluded: bool = False):
     """The records (smartiqa_jax.data.Record) of one split, or of all splits for 'all'.
 
     options: keyword arguments for the reader (the CSV's columns, csv_options).
+    with_excluded: also return the entries the reader left out of the whole dataset
+    (data.quality.Problem: a missing file, an unusable score), which no split holds.
     """
     from smartiqa_jax import data
     info = DATASETS[key]
@@ -237,11 +241,12 @@ def read_records(key: str, root: str, split: str, options: Optional[dict] = None
     except (data.DataError, FileNotFoundError) as e:
         raise UsageError(f'{info.title} in {root}: {e}') from None
     if split == 'all':
-        return [r for name in splits for r in splits[name]]
-    records = splits[split]
-    if not records:
-        raise UsageError(f'{info.title} in {root}: the {split} split is empty')
-    return records
+        records = [r for name in splits for r in splits[name]]
+    else:
+        records = splits[split]
+        if not records:
+            raise UsageError(f'{info.title} in {root}: the {split} split is empty')
+    return (records, list(splits.report.problems)) if with_excluded else records
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -306,12 +311,16 @@ def format_table(results: dict[str, dict], model_name: str, logistic: bool = Fal
 
 
 def format_details(results: dict[str, dict], split: str) -> str:
-    """Markdown: per dataset the image counts and every metric."""
-    lines = ['| Dataset | split | images | failed | SRCC | PLCC (raw) | PLCC (logistic) | KRCC | RMSE |',
-             '|---|---|---|---|---|---|---|---|---|']
+    """Markdown: per dataset the image counts and every metric. 'failed': images of the
+    split that did not decode; 'excluded': entries the reader left out of the whole
+    dataset (missing files, unusable scores) before any split."""
+    lines = ['| Dataset | split | images | failed | excluded | SRCC | PLCC (raw) | '
+             'PLCC (logistic) | KRCC | RMSE |',
+             '|---|---|---|---|---|---|---|---|---|---|']
     for key, r in results.items():
         m = r['metrics']
         lines.append(f'| {DATASETS[key].title} | {split} | {r["n_images"]} | {r["n_failed"]} | '
+                     f'{r.get("n_excluded", 0)} | '
                      f'{_fmt(m["srcc"])} | {_fmt(m["plcc"])} | {_fmt(m["plcc_logistic"])} | '
                      f'{_fmt(m["krcc"])} | {_fmt(m["rmse"], 3)} |')
     return '\n'.join(lines)
@@ -365,13 +374,15 @@ def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdow
         f.write(markdown + '\n')
     with open(os.path.join(out_dir, 'table3.csv'), 'w', newline='') as f:
         writer = csv.writer(f)
-        writer.writerow(['dataset', 'split', 'n_images', 'n_failed', *METRICS])
+        counts = ('n_images', 'n_failed', 'n_excluded')
+        writer.writerow(['dataset', 'split', *counts, *METRICS])
         for key, r in results.items():
-            writer.writerow([key, summary['split'], r['n_images'], r['n_failed'],
+            writer.writerow([key, summary['split'], *(r.get(c, 0) for c in counts),
                              *(r['metrics'][m] for m in METRICS)])
         avg = summary['average']
-        writer.writerow(['average', summary['split'], sum(r['n_images'] for r in results.values()),
-                         sum(r['n_failed'] for r in results.values()), *(avg[m] for m in METRICS)])
+        writer.writerow(['average', summary['split'],
+                         *(sum(r.get(c, 0) for r in results.values()) for c in counts),
+                         *(avg[m] for m in METRICS)])
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(_nan_to_none(summary), f, indent=2)
 
@@ -434,7 +445,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             training_config = checkpoint.training_config(checkpoint.resolve(args.checkpoint))
         except checkpoint.CheckpointError:
             training_config = {}   # load_for_scoring below says what is wrong
-        records = {}
+        records, excluded = {}, {}
         for k in keys:
             trained = trained_split_options(training_config, k, roots[k])
             if trained is not None and args.split != 'all':
@@ -443,7 +454,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f'training run made it ({settings or "the official split"}; flags '
                       'given override these)', file=sys.stderr)
             options = csv_options(args, trained) if k == 'csv' else trained
-            records[k] = read_records(k, roots[k], args.split, options)
+            records[k], excluded[k] = read_records(k, roots[k], args.split, options,
+                                                   with_excluded=True)
         if args.output_dir:
             make_output_dir(args.output_dir)   # before the model is loaded
         model, prep, directory = predict.load_for_scoring(args)
@@ -459,6 +471,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for key in keys:
         results[key] = evaluate_records(scorer, records[key], prep, workers=args.workers,
                                         progress=not args.no_progress, desc=DATASETS[key].title)
+        results[key]['n_excluded'] = len(excluded[key])
+        results[key]['excluded'] = dict(collections.Counter(
+            p.reason.split(' (')[0] for p in excluded[key]))
         # Now, so that a run stopped on a later dataset keeps this one's.
         write_predictions(out_dir, key, results[key])
     elapsed = time.perf_counter() - start
@@ -469,7 +484,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         'split': args.split, 'preprocessing': prep.describe(),
         'plcc': 'raw Pearson correlation (no fit); plcc_logistic: after a 4-parameter logistic fit',
         'datasets': {k: {'title': DATASETS[k].title, 'root': os.path.abspath(roots[k]),
-                         'n_images': r['n_images'], 'n_failed': r['n_failed'], **r['metrics']}
+                         'n_images': r['n_images'], 'n_failed': r['n_failed'],
+                         'n_excluded': r['n_excluded'], 'excluded': r['excluded'],
+                         **r['metrics']}
                      for k, r in results.items()},
         'average': average(results), 'seconds': round(elapsed, 1),
     }

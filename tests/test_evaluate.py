@@ -97,6 +97,23 @@ def test_your_own_csv_with_its_own_columns(ckpt, tmp_path, capsys):
                    score_range=(1.0, 5.5))
     assert len(evaluate.read_records('csv', str(own), 'test', columns)) == 3
     assert len(evaluate.read_records('csv', str(own), 'all', columns)) == 10
+    # Rows the reader leaves out (a missing file, a score that is no number) are counted in
+    # the results beside the images that failed to decode, not dropped without a trace.
+    (tmp_path / 'mine' / 'broken.png').write_bytes(b'not an image')
+    with open(own, 'a', newline='') as f:
+        csv.writer(f).writerows([['gone.png', 3, 'test'], [rows[0]['name'], 'n/a', 'test'],
+                                 ['broken.png', 2, 'test']])
+    assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', '--csv-root', str(own),
+                          '--csv-image-column', 'file', '--csv-score-column', 'mos',
+                          '--csv-score-range', '1,5.5', '--split', 'all',
+                          '--output-dir', str(out), *FAST]) == 0
+    summary = {row['dataset']: row for row in _read_csv(out / 'table3.csv')}
+    counts = [summary['csv'][k] for k in ('n_images', 'n_failed', 'n_excluded')]
+    assert counts == ['10', '1', '2']
+    results = json.loads((out / 'results.json').read_text())['datasets']['csv']
+    assert (results['n_excluded'], results['excluded']) == (
+        2, {'file listed but missing': 1, 'score is not a number': 1})
+    assert '| csv | all | 10 | 1 | 2 |' in (out / 'table3.md').read_text().replace('CSV', 'csv')
     capsys.readouterr()
     assert evaluate.main(['--checkpoint', ckpt, '--datasets', 'csv', *FAST]) == 2
     assert '--datasets csv needs --csv-root FILE' in capsys.readouterr().err
