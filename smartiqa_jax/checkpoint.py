@@ -179,9 +179,10 @@ def _calibrates(step_dir: Path) -> bool:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """What `load` reads: a state_dict file as it is, else `find_checkpoint(path)`."""
+    """What `load` reads: a file as it is (a state_dict, whatever its name: model.pth.tar,
+    no suffix; weights.read_state_dict tells by its bytes), else `find_checkpoint(path)`."""
     file = _absolute(path)
-    if file.is_file() and file.suffix in STATE_DICT_SUFFIXES:
+    if file.is_file():
         return file
     return find_checkpoint(path)
 
@@ -189,8 +190,8 @@ def resolve(path: str | os.PathLike) -> Path:
 def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
     """Loads a ready model (eval mode) from a checkpoint directory or a training workdir.
 
-    Also from a released SMART-IQA PyTorch state_dict file (.pth, .pt, .bin, .ckpt or
-    .safetensors; variant, fusion and patch norm detected from its keys, the label
+    Also from a released SMART-IQA PyTorch state_dict file (.pth, .pt, .bin, .ckpt,
+    .safetensors or any other name; variant, fusion and patch norm detected from its keys, the label
     scale KonIQ's 0..100 as released), read without unpickling anything but tensors.
     `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.
     The window attention implementation the checkpoint was trained with is not kept:

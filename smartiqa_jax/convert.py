@@ -67,8 +67,10 @@ def _check_out(path: str, force: bool, checkpoint_dir: bool = False) -> None:
 OUTPUT_SUFFIXES = ('.pth', '.pt', '.safetensors')
 
 
-def save_state_dict(state: dict, path: str) -> None:
-    """Writes {name: numpy array} as .safetensors (no torch needed) or .pth (needs torch)."""
+def save_state_dict(state: dict, path: str, metadata: dict[str, str] | None = None) -> None:
+    """Writes {name: numpy array} as .safetensors (no torch needed) or .pth (needs torch).
+
+    metadata: strings for a .safetensors file's header (a .pth holds tensors only)."""
     if not path.endswith(OUTPUT_SUFFIXES):
         raise ValueError(f'{path}: the output must end in {", ".join(OUTPUT_SUFFIXES)}')
     folder = os.path.dirname(os.path.abspath(path))
@@ -77,7 +79,7 @@ def save_state_dict(state: dict, path: str) -> None:
     try:
         if path.endswith('.safetensors'):
             from safetensors.numpy import save_file
-            save_file(state, path)
+            save_file(state, path, metadata=metadata)
         else:
             import torch
             torch.save({k: torch.from_numpy(v) for k, v in state.items()}, path)
@@ -109,8 +111,16 @@ def run(args: argparse.Namespace) -> str:
     _check_out(args.out, args.force)
     model = checkpoint.load(args.checkpoint)
     state = weights.export_state_dict(model)
-    save_state_dict(state, args.out)
-    return f'{args.checkpoint}: {len(state)} tensors -> {Path(args.out).resolve()}'
+    save_state_dict(state, args.out, weights.label_metadata(model.config))
+    c, released = model.config, ModelConfig(model.config.variant)
+    note = ''
+    if (not args.out.endswith('.safetensors')
+            and (c.label_name, c.label_range) != (released.label_name, released.label_range)):
+        note = (f'; note: a .pth holds tensors only, so the scores\' label ({c.label_name}, '
+                f'{c.label_range[0]:g}..{c.label_range[1]:g}) is not kept: loaded back, it reads '
+                f"as the released model's ({released.label_name}, "
+                f'{released.label_range[0]:g}..{released.label_range[1]:g}); .safetensors keeps it')
+    return f'{args.checkpoint}: {len(state)} tensors -> {Path(args.out).resolve()}{note}'
 
 
 def main(argv: list[str] | None = None) -> int:

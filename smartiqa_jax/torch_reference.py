@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as _load_safetensors
 from torch import nn
 
+from smartiqa_jax.torch_io import is_safetensors, load_weights_only
+
 __all__ = [
     "VARIANTS",
     "FUSIONS",
@@ -348,7 +350,8 @@ def load_released_state_dict(path_or_dict: Any) -> dict[str, torch.Tensor]:
     Args:
         path_or_dict: a ``.safetensors`` file, any other file (``.pth``/``.pt``,
             read with ``torch.load(weights_only=True)`` only: arbitrary pickles
-            are refused), or an in-memory mapping.
+            are refused; numpy scalars and arrays saved beside the weights are
+            read), or an in-memory mapping.
 
     Training checkpoints nest the weights under ``model_state_dict`` (the
     released code), ``state_dict`` or ``model``; that nesting is unwrapped and the other
@@ -358,10 +361,10 @@ def load_released_state_dict(path_or_dict: Any) -> dict[str, torch.Tensor]:
     """
     if isinstance(path_or_dict, (str, os.PathLike)):
         path = os.fspath(path_or_dict)
-        if path.endswith(".safetensors"):
+        if is_safetensors(path):
             obj: Any = _load_safetensors(path, device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_weights_only(path)
     elif isinstance(path_or_dict, Mapping):
         obj = path_or_dict
     else:

@@ -148,40 +148,46 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise WeightsError(f'{path}: no such file')
     if os.path.getsize(path) == 0:
         raise WeightsError(f'{path}: the file is empty')
-    if path.endswith('.safetensors'):
+    from smartiqa_jax import torch_io
+    if torch_io.is_safetensors(path):
         from safetensors.numpy import load_file
         try:
             state = load_file(path)
         except Exception as e:  # safetensors raises several types for bad headers/truncation
             raise WeightsError(f'{path}: not a readable safetensors file ({e})') from e
     else:
-        try:
-            import torch
-        except ImportError as e:
+        import importlib.util
+        if importlib.util.find_spec('torch') is None:
             raise WeightsError(f'{path}: reading .pth/.bin files needs PyTorch '
                                "(pip install 'smartiqa-jax[torch]'), or convert it to "
-                               '.safetensors first') from e
+                               '.safetensors first')
         with open(path, 'rb') as f:
             magic = f.read(4)
         # torch.save writes a zip archive (PK..) or, before PyTorch 1.6, a pickle (0x80 ..).
         if not (magic.startswith(b'PK\x03\x04') or magic[:1] == b'\x80'):
             raise WeightsError(f'{path}: not a PyTorch checkpoint (neither the zip archive '
-                               'torch.save writes nor a pickle)')
+                               'torch.save writes nor a pickle) nor a safetensors file')
         try:
-            state = torch.load(path, map_location='cpu', weights_only=True)
+            state = torch_io.load_weights_only(path)
         except Exception as e:
             raise WeightsError(
                 f'{path}: could not be read as a weights-only PyTorch checkpoint: '
-                f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}. Files that need '
-                'arbitrary unpickling (code objects, custom classes) are refused on purpose.') from e
+                f'{type(e).__name__}: {torch_io.refusal_reason(e)}. Files that need arbitrary '
+                'unpickling (code objects, custom classes) are refused on purpose.') from e
     return _unwrap(state, path)
 
 
+WRAPPER_KEYS = ('model_state_dict', 'state_dict', 'model')
+
+
 def _unwrap(state: Any, path: str) -> dict[str, np.ndarray]:
-    for key in ('model_state_dict', 'state_dict', 'model'):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
+    top = state
+    # Training checkpoints nest the weights, sometimes twice ({'state_dict': {'model': ...}}).
+    while isinstance(state, Mapping):
+        key = next((k for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
+        if key is None:
             break
+        state = state[key]
     if not isinstance(state, Mapping):
         raise WeightsError(f'{path}: expected a state_dict (a mapping of names to tensors), '
                            f'found {type(state).__name__}')
@@ -197,7 +203,14 @@ def _unwrap(state: Any, path: str) -> dict[str, np.ndarray]:
                                "is unclear")
         out[name] = _to_numpy(value)
     if not out:
-        raise WeightsError(f'{path}: holds no tensors')
+        nested = [str(k) for k, v in top.items() if isinstance(v, Mapping)] \
+            if isinstance(top, Mapping) else []
+        raise WeightsError(
+            f'{path}: holds no tensors' + (
+                f' where the weights are looked for ({", ".join(WRAPPER_KEYS)}, or the top '
+                f'level); its top-level keys: {", ".join(map(str, list(top)[:12]))}'
+                + (f'; mappings among them: {", ".join(nested)}' if nested else '')
+                if isinstance(top, Mapping) and top else ''))
     return out
 
 
@@ -310,6 +323,36 @@ def infer_config(state: Mapping[str, np.ndarray], source: str = 'state_dict',
     return ModelConfig(variant=matches[0], fusion=fusion, **overrides)
 
 
+# What a model's scores mean, kept in a .safetensors export's metadata (a .pth holds
+# tensors only): {'label_name': str, 'label_range': [low, high]} as JSON.
+LABEL_METADATA_KEY = 'smartiqa_jax.labels'
+
+
+def label_metadata(config: ModelConfig) -> dict[str, str]:
+    """The safetensors metadata that records `config`'s label name and range."""
+    import json
+    return {LABEL_METADATA_KEY: json.dumps({'label_name': config.label_name,
+                                            'label_range': list(config.label_range)})}
+
+
+def read_label_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """{'label_name', 'label_range'} recorded in a .safetensors file (label_metadata); {} for
+    other files, or when it records none."""
+    import json
+    from smartiqa_jax import torch_io
+    if not torch_io.is_safetensors(path):
+        return {}
+    from safetensors import safe_open
+    try:
+        with safe_open(os.fspath(path), 'np') as f:
+            text = (f.metadata() or {}).get(LABEL_METADATA_KEY)
+        labels = json.loads(text) if text else {}
+        return {'label_name': str(labels['label_name']),
+                'label_range': tuple(float(v) for v in labels['label_range'])} if labels else {}
+    except Exception as e:   # read_state_dict names an unreadable file; this is its metadata
+        raise WeightsError(f'{path}: unreadable {LABEL_METADATA_KEY} metadata ({e})') from None
+
+
 # ----------------------------------------------------------------------------- public entry points
 
 
@@ -318,12 +361,15 @@ def load_pytorch(state_or_path: str | os.PathLike | Mapping[str, Any],
     """Builds a SmartIQA model from a released SMART-IQA PyTorch state_dict or file.
 
     Variant and fusion are detected from the keys unless `config` is given. Every key and
-    shape is checked (strict), as `load_state_dict(strict=True)` would.
+    shape is checked (strict), as `load_state_dict(strict=True)` would. The label name and
+    range are the released model's (KonIQ's 0..100), or those a .safetensors file written
+    by `convert to-pytorch` records (`label_metadata`).
     """
     if isinstance(state_or_path, Mapping):
         source, state = 'state_dict', _unwrap(state_or_path, 'state_dict')
     else:
         source, state = os.fspath(state_or_path), read_state_dict(state_or_path)
+        config_overrides = {**read_label_metadata(source), **config_overrides}
     if config is None:
         config = infer_config(state, source, **config_overrides)
     # Shapes only: the strict check below guarantees that every parameter gets a value.

@@ -242,3 +242,56 @@ def test_code_in_a_pickle_is_never_run(tmp_path, container):
     with pytest.raises(weights.WeightsError, match='refused on purpose'):
         weights.read_state_dict(path)
     assert not marker.exists()
+
+
+def test_state_dicts_as_training_scripts_save_them(reference, crops, tmp_path):
+    """Metrics saved beside the weights (numpy scalars and arrays, as scipy returns them),
+    weights nested twice, and names without a known suffix all load; weights under a key
+    nobody uses are named in the error."""
+    state = reference.state_dict()
+    files = {
+        'metrics.pth': {'epoch': 3, 'model_state_dict': state, 'best_srcc': np.float64(0.93),
+                        'val_history': np.array([0.5, 0.7]), 'dtype': np.dtype('float32')},
+        'lightning.pth.tar': {'state_dict': {'model': state}},
+        'no_suffix': state,
+    }
+    expected = torch_score(reference, crops)
+    for name, payload in files.items():
+        torch.save(payload, tmp_path / name)
+        model = smartiqa_jax.load(tmp_path / name)
+        np.testing.assert_allclose(model.predict(crops)['score'], expected, atol=1e-4,
+                                   err_msg=name)
+    back = SmartIQATorch.from_released(str(tmp_path / 'metrics.pth')).eval()
+    np.testing.assert_allclose(torch_score(back, crops), expected, atol=1e-6)
+    save_file(released_state(reference), tmp_path / 'safetensors_without_suffix')
+    model = smartiqa_jax.load(tmp_path / 'safetensors_without_suffix')
+    np.testing.assert_allclose(model.predict(crops)['score'], expected, atol=1e-4)
+    torch.save({'model_ema': state, 'epoch': 1}, tmp_path / 'ema.pth')
+    with pytest.raises(weights.WeightsError,
+                       match=r'ema.pth: holds no tensors where the weights are looked for .*'
+                             r'top-level keys: model_ema, epoch; mappings among them: model_ema'):
+        weights.read_state_dict(tmp_path / 'ema.pth')
+
+
+def test_a_safetensors_export_keeps_what_the_scores_mean(tmp_path, capsys):
+    from smartiqa_jax.models.smartiqa import UNTRAINED_HEAD
+    for label, label_range in (('kadid10k dmos', (1.0, 5.0)), (UNTRAINED_HEAD, (0.0, 100.0))):
+        model = SmartIQA(ModelConfig('pico', 'attention', label_name=label,
+                                     label_range=label_range), rngs=nnx.Rngs(0))
+        source = checkpoint.save_model(tmp_path / 'model', model, force=True)
+        out = tmp_path / 'model.safetensors'
+        assert convert.main(['to-pytorch', str(source), '--out', str(out), '--force']) == 0
+        loaded = smartiqa_jax.load(out)
+        assert (loaded.config.label_name, loaded.config.label_range) == (label, label_range)
+    assert train_params.init_label_map(loaded.config, (1.0, 5.0)) is None   # untrained head
+    # A .pth keeps tensors only: the command says what is lost.
+    model = SmartIQA(ModelConfig('pico', label_name='kadid10k dmos', label_range=(1.0, 5.0)),
+                     rngs=nnx.Rngs(0))
+    source = checkpoint.save_model(tmp_path / 'model', model, force=True)
+    capsys.readouterr()
+    assert convert.main(['to-pytorch', str(source), '--out', str(tmp_path / 'm.pth')]) == 0
+    out = capsys.readouterr().out
+    assert ("a .pth holds tensors only, so the scores' label (kadid10k dmos, 1..5) is not "
+            "kept: loaded back, it reads as the released model's (koniq10k MOS_zscore, "
+            "0..100); .safetensors keeps it") in out
+    assert smartiqa_jax.load(tmp_path / 'm.pth').config.label_range == (0.0, 100.0)
