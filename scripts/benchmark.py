@@ -48,18 +48,21 @@ from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 
 
 # Datasheet dense (no sparsity) peaks, FLOP/s, by jax device_kind prefix: bf16, and TF32
-# (what fp32 matmuls run in on these cards at JAX's default precision).
+# (what fp32 matmuls run in on these cards at JAX's default precision). The longest
+# matching prefix wins: 'NVIDIA H100 PCIe' and 'NVIDIA H100 NVL' before the SXM's
+# 'NVIDIA H100 80GB HBM3'.
 DATASHEET_PEAK = {
-    'bfloat16': {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12},
-    'float32': {'NVIDIA H100': 494.7e12, 'NVIDIA H200': 494.7e12, 'NVIDIA A100': 156e12},
+    'bfloat16': {'NVIDIA H100': 989e12, 'NVIDIA H100 PCIe': 756e12, 'NVIDIA H100 NVL': 835e12,
+                 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12},
+    'float32': {'NVIDIA H100': 494.7e12, 'NVIDIA H100 PCIe': 378e12,
+                'NVIDIA H100 NVL': 417.5e12, 'NVIDIA H200': 494.7e12, 'NVIDIA A100': 156e12},
 }
 
 
 def datasheet_peak(device, dtype: str = 'bfloat16') -> float | None:
-    for prefix, peak in DATASHEET_PEAK[dtype].items():
-        if device.device_kind.startswith(prefix):
-            return peak
-    return None
+    matches = [prefix for prefix in DATASHEET_PEAK[dtype]
+               if device.device_kind.startswith(prefix)]
+    return DATASHEET_PEAK[dtype][max(matches, key=len)] if matches else None
 
 
 def devices_sharing_the_work() -> int:
@@ -231,7 +234,8 @@ def bench_variant(variant: str, batches: list[int], fusion: str, dtype: str, tor
             seconds = timed(lambda: compiled(state, x).block_until_ready(),
                             min_seconds=min_seconds)
             row = dict(mode='infer', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                       devices=jax.device_count(), micro_batch=micro_batch, attention=attention,
+                       devices=jax.device_count(), platform=jax.devices()[0].platform,
+                       micro_batch=micro_batch, attention=attention,
                        jax_images_per_s=batch / seconds,
                        **utilisation(flops, batch, seconds, peak, dtype), **torch_row)
             report(_with_ratio(row))
@@ -382,7 +386,8 @@ def bench_train_step(variant: str, batches: list[int], fusion: str, dtype: str,
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             state = stepper.state
             row = dict(mode='train', variant=variant, fusion=fusion, dtype=dtype, batch=batch,
-                       devices=jax.device_count(), micro_batch=None, attention=attention,
+                       devices=jax.device_count(), platform=jax.devices()[0].platform,
+                       micro_batch=None, attention=attention,
                        jax_images_per_s=batch / seconds,
                        # host memory freshly mapped per step (BENCHMARKS.md, "Page faults")
                        jax_page_faults_per_step=faults / stepper.steps,
@@ -411,6 +416,8 @@ def _format_row(row: dict) -> str:
             f"JAX {row['jax_images_per_s']:7.2f} img/s")
     if 'torch_images_per_s' in row:
         text += f", PyTorch {row['torch_images_per_s']:7.2f} img/s, ratio {row['jax_over_torch']:.2f}x"
+        if row.get('devices', 1) > 1 and row.get('platform', 'cpu') != 'cpu':
+            text += f" (JAX on {row['devices']} devices, PyTorch on 1)"
     if 'gflops_per_image' in row:
         text += (f", {row['gflops_per_image']:.2f} GFLOP/img, "
                  f"{100 * row['jax_share_of_matmul_peak']:.0f}% of matmul peak")

@@ -9,6 +9,7 @@ array, so the jitted step sees exactly the batch a single device would.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from typing import Any, Mapping
 
@@ -71,8 +72,25 @@ def make_mesh(devices=None) -> Mesh:
     which changes how jit propagates shardings through the model.
     """
     devices = jax.devices() if devices is None else list(devices)
+    check_same_device_count(devices)
     return jax.make_mesh((len(devices),), (DATA_AXIS,),
                          axis_types=(AxisType.Auto,), devices=devices)
+
+
+def check_same_device_count(devices) -> None:
+    """Raises ValueError unless every process owns as many of `devices` as the others.
+
+    Each process feeds global batch / process count examples, which must split evenly
+    over its own devices: with 2 GPUs on one host and 1 on another, every batch would
+    fail deep inside JAX. Every process sees the same device list, so all of them stop.
+    """
+    counts = collections.Counter(d.process_index for d in devices)
+    if len(set(counts.values())) > 1:
+        per_process = ', '.join(f'process {p}: {n}' for p, n in sorted(counts.items()))
+        raise ValueError(
+            f'the processes have different numbers of devices ({per_process}); data '
+            'parallelism gives each process an equal share of every batch, so each needs '
+            'as many devices (e.g. the same CUDA_VISIBLE_DEVICES count on every host)')
 
 
 def tracing_mesh(mesh: Mesh | None):

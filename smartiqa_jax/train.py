@@ -140,7 +140,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cross = [(name, root, load_splits(name, root, setting='config.data.cross_datasets'))
              for name, root in parse_cross_datasets(config.data.cross_datasets)]
 
-    mesh = sharding.make_mesh()
+    try:
+        mesh = sharding.make_mesh()
+    except ValueError as e:
+        raise ConfigError(f'the devices of this run: {e}') from None
     for key in ('batch_size', 'eval_batch_size'):
         try:
             sharding.local_batch_size(config.train[key], mesh)      # divisibility check

@@ -223,6 +223,14 @@ def test_benchmark_utilisation_is_over_every_chip_and_the_dtypes_peak(monkeypatc
     monkeypatch.setattr(bench.jax, 'device_count', lambda: len(cpus))
     row = bench.utilisation(100e9, batch=16, seconds=1.0, peak=200e9, dtype='float32')
     assert row == pytest.approx({'gflops_per_image': 6.25, 'jax_share_of_matmul_peak': 0.5})
+    # The PCIe and NVL H100s have lower peaks than the SXM card their names begin like.
+    assert [bench.datasheet_peak(Device('gpu', kind)) for kind in (
+        'NVIDIA H100 80GB HBM3', 'NVIDIA H100 PCIe', 'NVIDIA H100 NVL', 'NVIDIA H200',
+        'Tesla T4')] == [989e12, 756e12, 835e12, 989e12, None]
+    row = dict(variant='base', fusion='attention', dtype='bfloat16', batch=64, devices=8,
+               platform='gpu', micro_batch=None, jax_images_per_s=800.0,
+               torch_images_per_s=200.0, jax_over_torch=4.0)
+    assert 'ratio 4.00x (JAX on 8 devices, PyTorch on 1)' in bench._format_row(row)
 
 
 def test_benchmark_times_several_attention_implementations_on_the_same_weights(

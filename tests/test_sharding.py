@@ -22,6 +22,16 @@ def test_mesh_has_one_auto_data_axis():
     assert mesh.devices.size == jax.device_count()
 
 
+def test_processes_with_different_device_counts_are_refused():
+    from types import SimpleNamespace
+    on = [SimpleNamespace(process_index=p) for p in (0, 0, 1, 1)]
+    sharding.check_same_device_count(on)
+    uneven = [SimpleNamespace(process_index=p) for p in (0, 0, 1)]
+    with pytest.raises(ValueError, match=r'different numbers of devices \(process 0: 2, '
+                                         r'process 1: 1\)'):
+        sharding.check_same_device_count(uneven)
+
+
 def test_batch_must_divide_by_the_device_count():
     mesh = sharding.make_mesh()
     assert sharding.local_batch_size(8, mesh) == 8 // jax.process_count()
