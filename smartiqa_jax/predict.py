@@ -33,8 +33,13 @@ Reproducible: random crops are drawn from (--seed, a hash of the file's bytes), 
 image's crops, and its score, depend neither on its batch nor on the other inputs. Every
 batch has the same shape (the last one is padded), so the model compiles once.
 
+An existing --output is never replaced unasked: --resume scores only the images it does
+not list yet and adds their rows (a row torn by a kill is redone), --overwrite replaces
+it. Ctrl-C stops the run with every finished batch written, and says how many.
+
 Exit status: 0 when every input was scored, 1 when some could not be (the others are
-still scored and written), 2 for usage errors (bad flag, no inputs, missing checkpoint).
+still scored and written) or a folder or pattern matched no image, 2 for usage errors
+(bad flag, no inputs, missing checkpoint, an existing --output), 130 after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import io
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 import time
@@ -63,9 +69,12 @@ from PIL import Image
 from smartiqa_jax import compilation_cache, preprocess
 
 # Extensions collected from folders; files named explicitly are tried whatever their name.
+# AVIF and HEIC/HEIF where this Pillow reads them (AVIF from Pillow 11; HEIC with the
+# pillow-heif plugin registered).
 IMAGE_EXTENSIONS = frozenset({
     '.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp',
-    '.ppm', '.pgm', '.pbm', '.pnm', '.tga', '.ico'})
+    '.ppm', '.pgm', '.pbm', '.pnm', '.tga', '.ico'} | {
+    ext for ext in ('.avif', '.heic', '.heif') if ext in Image.registered_extensions()})
 CROP_MODES = ('random', 'grid', 'center')
 CROP_SIZE = 224
 DEFAULT_CROPS = 20          # SPEC 2 test protocol: 20 crops per image
@@ -293,6 +302,9 @@ def image_crops(pixels: np.ndarray, prep: Preprocessing, key: int) -> np.ndarray
 def prepare_file(path: str, prep: Preprocessing) -> np.ndarray:
     """An image file -> float32 (crops, 224, 224, 3); ImageDecodeError naming the file."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):   # reading a pipe would wait forever
+            raise preprocess.ImageDecodeError(f'{path}: not a regular file (a pipe, socket '
+                                              'or device)')
         with open(path, 'rb') as f:
             data = f.read()
     except FileNotFoundError:
@@ -311,40 +323,75 @@ def _is_glob(text: str) -> bool:
     return any(c in text for c in '*?[')
 
 
-def _folder_images(folder: str) -> list[str]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        found.extend(os.path.join(root, f) for f in sorted(files)
-                     if not f.startswith('.') and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+def _folder_images(folder: str, warn: TextIO) -> list[str]:
+    """The image files under `folder` (by extension; hidden ones and pipes left out), in
+    sorted order, symlinked folders followed once. What it leaves out, and folders it
+    cannot read, are warned about."""
+    found, seen = [], {os.path.realpath(folder)}
+    left_out: collections.Counter = collections.Counter()
+
+    def unreadable(error: OSError) -> None:
+        print(f'warning: {error.filename}: cannot read this folder ({error.strerror})',
+              file=warn)
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            real = os.path.realpath(os.path.join(root, d))
+            if not d.startswith('.') and real not in seen:   # a link loop ends here
+                seen.add(real)
+                kept.append(d)
+        dirs[:] = kept
+        for f in sorted(files):
+            path = os.path.join(root, f)
+            if f.startswith('.'):
+                continue
+            ext = os.path.splitext(f)[1].lower()
+            if ext not in IMAGE_EXTENSIONS:
+                left_out[ext or '(no extension)'] += 1
+            elif os.path.exists(path) and not os.path.isfile(path):
+                left_out['pipes, sockets, devices'] += 1
+            else:
+                found.append(path)   # a broken link too: its row says so
+    if left_out:
+        kinds = ', '.join(f'{kind} {n}' for kind, n in left_out.most_common())
+        print(f'warning: {folder}: left out {sum(left_out.values())} files that are not '
+              f'images by their extension ({kinds}); name a file to score it anyway',
+              file=warn)
     return found
 
 
-def find_inputs(specs: Sequence[str], warn: Optional[TextIO] = None) -> list[str]:
+def find_inputs(specs: Sequence[str], warn: Optional[TextIO] = None,
+                empty: Optional[list] = None) -> list[str]:
     """Files, folders (recursive, image extensions only) and globs -> ordered file list.
 
     An explicit path that does not exist stays in the list, so its row reports the
-    problem; a glob or folder that yields nothing is only warned about. Duplicates
-    (same path reached twice) are kept once, at their first position.
+    problem; a glob or folder that yields nothing is warned about (and added to `empty`).
+    A file reached twice, under any spelling (./a.jpg, a.jpg, a link to it), is kept
+    once, as first given.
     """
     warn = warn or sys.stderr
     paths: list[str] = []
     for spec in specs:
         if os.path.isdir(spec):
-            found = _folder_images(spec)
+            found = _folder_images(spec, warn)
             if not found:
                 print(f'warning: {spec}: no image files in this folder', file=warn)
-            paths.extend(found)
         elif os.path.exists(spec) or not _is_glob(spec):
-            paths.append(spec)
+            found = [spec]
         else:
             found = []
             for match in sorted(glob.glob(spec, recursive=True)):
-                found.extend(_folder_images(match) if os.path.isdir(match) else [match])
+                found.extend(_folder_images(match, warn) if os.path.isdir(match) else [match])
             if not found:
                 print(f'warning: {spec}: no files match this pattern', file=warn)
-            paths.extend(found)
-    return list(dict.fromkeys(paths))
+        if not found and empty is not None:
+            empty.append(spec)
+        paths.extend(found)
+    unique: dict[str, str] = {}
+    for path in paths:
+        unique.setdefault(os.path.realpath(path) if os.path.exists(path) else path, path)
+    return list(unique.values())
 
 
 # ----------------------------------------------------------------------------- the model
@@ -504,7 +551,8 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
         slots.clear()
         return done
 
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
         queue: collections.deque = collections.deque()
         it = iter(paths)
         for path in it:
@@ -527,6 +575,10 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
             yield run_batch()
         elif pending:
             yield list(pending)
+    finally:
+        # Not waiting: on Ctrl-C a read that hangs (a stalled network mount) must not
+        # hold the command.
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- output
@@ -534,23 +586,28 @@ def score_files(scorer: Scorer, paths: Sequence[str], prep: Preprocessing, *,
 
 class RowWriter:
     """Writes result rows as they come: CSV or JSON Lines appended and flushed per batch,
-    or a JSON array rewritten atomically per batch. Opening truncates the file.
+    or a JSON array rewritten atomically per batch. Opening truncates the file, unless
+    `append` (a resumed run: `done_paths` read and repaired the file first).
 
     File names that are not valid in the file system's encoding (os.fsdecode's surrogate
     escapes) go into CSV as their original bytes (a `stream` is reconfigured to allow
     that) and into JSON as \\u escapes, which json.loads and os.fsencode turn back."""
 
-    def __init__(self, path: Optional[str], stream: Optional[TextIO] = None):
+    def __init__(self, path: Optional[str], stream: Optional[TextIO] = None, *,
+                 append: bool = False):
         self.path = path
         self.format = self.output_format(path)
-        self._rows: list[dict] = []
+        self.written = 0   # rows written by this writer
+        append = append and bool(path) and os.path.exists(path)
+        self._rows: list[dict] = _read_rows(path, self.format) if append else []
         self._restore_errors: Optional[str] = None
         self._file = None
         if self.format == 'json':
             self._rewrite()
         else:
             if path:
-                self._file = open(path, 'w', newline='', errors='surrogateescape')
+                self._file = open(path, 'a' if append else 'w', newline='',
+                                  errors='surrogateescape')
             else:
                 self._file = stream or sys.stdout
                 if (getattr(self._file, 'errors', None) == 'strict'
@@ -559,8 +616,10 @@ class RowWriter:
                     self._restore_errors = 'strict'   # by close(): a notebook's stdout
             if self.format == 'csv':
                 self._csv = csv.DictWriter(self._file, COLUMNS)
-                self._csv.writeheader()
+                if not append:
+                    self._csv.writeheader()
                 self._file.flush()
+            self._rows = []   # kept only for the JSON array
 
     @staticmethod
     def output_format(path: Optional[str]) -> str:
@@ -580,6 +639,36 @@ class RowWriter:
             raise UsageError(f'--output {path}: folder {directory} does not exist')
         return fmt
 
+    @staticmethod
+    def check_writable(path: Optional[str]) -> None:
+        """UsageError if no file can be made in --output's folder (read-only, /proc, no
+        permission): said before the model loads, not after."""
+        if not path:
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            fd, probe = tempfile.mkstemp(prefix='.scores-probe-', dir=directory)
+            os.close(fd)
+            os.remove(probe)
+            if os.path.exists(path) and not os.access(path, os.W_OK):
+                raise PermissionError(13, 'permission denied')
+        except OSError as e:
+            raise UsageError(f'--output {path}: cannot write there ({e.strerror or e})') from None
+
+    @staticmethod
+    def done_paths(path: str) -> list[str]:
+        """The paths an earlier run wrote to `path` (for --resume). A row torn by a kill is
+        cut off the file first; UsageError if it is not a file of this command."""
+        fmt = RowWriter.output_format(path)
+        with open(path, 'rb') as f:
+            data = f.read()
+        whole = data if fmt == 'json' or data.endswith(b'\n') else data[:data.rfind(b'\n') + 1]
+        rows = _parse_rows(whole.decode(errors='surrogateescape'), fmt, path)
+        if len(whole) < len(data):   # checked to be ours first; the torn row is redone
+            with open(path, 'r+b') as f:
+                f.truncate(len(whole))
+        return [row['path'] for row in rows]
+
     def _rewrite(self) -> None:
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix='.scores-', suffix='.json', dir=directory)
@@ -590,6 +679,7 @@ class RowWriter:
 
     def write(self, results: Iterable[Result]) -> None:
         rows = [r.row(missing='' if self.format == 'csv' else None) for r in results]
+        self.written += len(rows)
         if self.format == 'json':
             self._rows.extend(rows)
             self._rewrite()
@@ -607,6 +697,35 @@ class RowWriter:
         elif self._restore_errors:
             self._file.flush()
             self._file.reconfigure(errors=self._restore_errors)
+
+
+def _read_rows(path: str, fmt: str) -> list[dict]:
+    """The rows of a scores file this command wrote (UsageError naming it otherwise)."""
+    with open(path, newline='', errors='surrogateescape') as f:
+        return _parse_rows(f.read(), fmt, path)
+
+
+def _parse_rows(text: str, fmt: str, path: str) -> list[dict]:
+    problem, rows = None, []
+    try:
+        if fmt == 'csv':
+            reader = csv.DictReader(io.StringIO(text, newline=''))
+            rows = list(reader)
+            if reader.fieldnames not in (None, COLUMNS):
+                problem = f'its header is {reader.fieldnames}, not {COLUMNS}'
+        elif fmt == 'jsonl':
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text) if text.strip() else []
+    except (ValueError, csv.Error) as e:   # json's errors are ValueErrors
+        problem = f'unreadable ({e})'
+    if problem is None and not (isinstance(rows, list) and all(
+            isinstance(r, dict) and 'path' in r for r in rows)):
+        problem = 'its rows have no path'
+    if problem:
+        raise UsageError(f'--output {path}: not a scores file of this command: {problem}; '
+                         'give another --output, or --overwrite to replace it')
+    return rows
 
 
 # ----------------------------------------------------------------------------- command line
@@ -736,7 +855,14 @@ def _parser() -> argparse.ArgumentParser:
                         help='image files, folders (recursive) or glob patterns')
     add_model_flags(parser)
     parser.add_argument('--output', default=None,
-                        help='scores.csv, scores.jsonl or scores.json (default: CSV on stdout)')
+                        help='scores.csv, scores.jsonl or scores.json (default: CSV on stdout); '
+                             'an existing file is kept unless --resume or --overwrite')
+    existing = parser.add_mutually_exclusive_group()
+    existing.add_argument('--resume', action='store_true',
+                          help='--output exists: score only the images it does not list yet, '
+                               'and add their rows to it')
+    existing.add_argument('--overwrite', action='store_true',
+                          help='--output exists: replace it')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
     return parser
 
@@ -757,17 +883,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args is None:
         return status
     warnings.filterwarnings('ignore', category=Image.DecompressionBombWarning)
+    empty: list[str] = []
     try:
-        paths = find_inputs(args.inputs)
+        paths = find_inputs(args.inputs, empty=empty)
         if not paths:
             raise UsageError('no input images found in ' + ', '.join(args.inputs))
-        RowWriter.output_format(args.output)  # a bad --output fails before the slow load
+        # A bad --output fails before the slow load, and nothing written before is lost.
+        RowWriter.output_format(args.output)
+        exists = bool(args.output) and os.path.exists(args.output)
+        if exists and not (args.resume or args.overwrite):
+            raise UsageError(f'--output {args.output} exists: --resume scores only the images '
+                             'it does not list yet, --overwrite replaces it')
+        RowWriter.check_writable(args.output)
+        if exists and args.resume:
+            done = set(RowWriter.done_paths(args.output))
+            todo = [p for p in paths if p not in done]
+            print(f'--resume: {len(paths) - len(todo)} of the {len(paths)} images are in '
+                  f'{args.output} already; scoring the other {len(todo)}', file=sys.stderr)
+            if not todo:
+                return 0
+            paths = todo
         model, prep, _ = load_for_scoring(args)
         scorer = Scorer(model, args.batch_size, prep.crops, prep.crop_size, prep.symmetries)
     except UsageError as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
-    writer = RowWriter(args.output)
+    writer = RowWriter(args.output, append=args.resume)
     import tqdm
 
     start = time.perf_counter()
@@ -785,6 +926,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     scored += 1
                     total_score += r.score
             bar.update(len(results))
+    except KeyboardInterrupt:
+        bar.close()
+        writer.close()
+        where = (f'{os.path.abspath(args.output)}; the same command with --resume scores the '
+                 'rest' if args.output else 'stdout')
+        print(f'interrupted: {writer.written} rows written to {where}', file=sys.stderr)
+        return 130
     finally:
         bar.close()
         writer.close()
@@ -795,7 +943,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'scored {scored} image{"s" if scored != 1 else ""}, failed {failed}; '
           f'mean score {mean}; {elapsed:.1f} s, {scored / max(elapsed, 1e-9):.2f} images/s{on}'
           f'{where}', file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed or empty else 0
 
 
 if __name__ == '__main__':

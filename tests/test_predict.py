@@ -288,7 +288,7 @@ def test_symmetries_average_the_scores_of_the_mirrored_crop(ckpt, folder, tmp_pa
     def scores(*flags):
         out = tmp_path / 'out.csv'
         assert predict.main(['--checkpoint', ckpt, *paths, '--resize', 'none', *FAST,
-                             '--output', str(out), *flags]) == 0
+                             '--output', str(out), '--overwrite', *flags]) == 0
         return [float(r['score']) for r in _read_csv(out)]
 
     plain = scores()
@@ -431,3 +431,91 @@ def test_an_untrained_head_is_said_to_be_one(tmp_path):
                                                             *FAST]), log=log)
     assert "warning: this model's head is untrained (convert from-timm)" in log.getvalue()
 
+
+
+def test_an_existing_output_is_kept_resumed_or_replaced_only_when_asked(ckpt, folder, tmp_path,
+                                                                       capsys):
+    paths = [str(folder / n) for n in GOOD]
+    for suffix in ('csv', 'jsonl', 'json'):
+        out = tmp_path / f'scores.{suffix}'
+        assert predict.main(['--checkpoint', ckpt, *paths[:2], '--output', str(out),
+                             *FAST]) == 0
+        before = out.read_bytes()
+        capsys.readouterr()
+        assert predict.main(['--checkpoint', ckpt, *paths, '--output', str(out), *FAST]) == 2
+        assert f'--output {out} exists: --resume' in capsys.readouterr().err
+        assert out.read_bytes() == before
+        if suffix != 'json':   # a kill in the middle of a row: resuming cuts it off
+            with open(out, 'ab') as f:
+                f.write(paths[2].encode() + (b',12.5' if suffix == 'csv' else b'{"pa'))
+        assert predict.main(['--checkpoint', ckpt, *paths, '--output', str(out), '--resume',
+                             *FAST]) == 0
+        assert '2 of the 5 images are in' in capsys.readouterr().err
+        rows = (_read_csv(out) if suffix == 'csv' else json.loads(out.read_text())
+                if suffix == 'json' else [json.loads(line) for line in out.read_text().splitlines()])
+        assert [r['path'] for r in rows] == paths and all(r['error'] in ('', None) for r in rows)
+        assert predict.main(['--checkpoint', ckpt, *paths, '--output', str(out), '--resume',
+                             *FAST]) == 0   # nothing left to do
+        assert predict.main(['--checkpoint', ckpt, paths[0], '--output', str(out),
+                             '--overwrite', *FAST]) == 0
+        assert out.read_bytes().count(b'photo.jpg') == 1 and b'gray.png' not in out.read_bytes()
+    other = tmp_path / 'other.csv'
+    other.write_text('name,mos\na.jpg,3')   # not ours, and no newline at its end
+    capsys.readouterr()
+    assert predict.main(['--checkpoint', ckpt, *paths, '--output', str(other), '--resume',
+                         *FAST]) == 2
+    assert 'not a scores file of this command' in capsys.readouterr().err
+    assert other.read_text() == 'name,mos\na.jpg,3'    # untouched
+    assert predict.main(['--checkpoint', ckpt, *paths, '--output', '/proc/scores.csv',
+                         *FAST]) == 2
+    assert '--output /proc/scores.csv: cannot write there' in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_finished_batches_and_says_how_to_go_on(ckpt, folder, tmp_path,
+                                                                  monkeypatch, capsys):
+    calls = []
+    original = predict.Scorer.__call__
+
+    def interrupted_second_batch(self, crops):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, crops)
+
+    monkeypatch.setattr(predict.Scorer, '__call__', interrupted_second_batch)
+    out = tmp_path / 'partial.csv'
+    paths = [str(folder / n) for n in GOOD]
+    assert predict.main(['--checkpoint', ckpt, *paths, '--output', str(out), *FAST]) == 130
+    assert f'interrupted: 4 rows written to {out}; the same command with --resume' in \
+        capsys.readouterr().err
+    assert [r['path'] for r in _read_csv(out)] == paths[:4]
+
+
+def test_folder_scans_say_what_they_leave_out_and_never_wait_on_a_pipe(folder, tmp_path,
+                                                                       ckpt, capsys):
+    shots = tmp_path / 'shots'
+    (shots / 'deeper').mkdir(parents=True)
+    for name in ('a.jpg', 'deeper/b.PNG'):
+        (shots / name).write_bytes((folder / 'photo.jpg').read_bytes())
+    (shots / 'notes.txt').write_text('x')
+    (shots / 'raw.cr2').write_bytes(b'x')
+    os.mkfifo(shots / 'stream.jpg')
+    os.symlink(shots, shots / 'deeper' / 'loop')          # a link loop is walked once
+    empty = []
+    found = predict.find_inputs([str(shots), str(shots / 'a.jpg'),
+                                 './' + os.path.relpath(shots / 'a.jpg'),
+                                 str(tmp_path / 'none*.jpg')], empty=empty)
+    assert found == [str(shots / 'a.jpg'), str(shots / 'deeper' / 'b.PNG')]
+    err = capsys.readouterr().err
+    assert (f'{shots}: left out 3 files that are not images by their extension (.txt 1, .cr2 1, '
+            'pipes, sockets, devices 1)') in err
+    assert empty == [str(tmp_path / 'none*.jpg')]
+    # A pipe named on the command line is an error row, not a run that waits forever; an
+    # empty pattern beside it makes the exit status 1.
+    out = tmp_path / 'pipe.csv'
+    assert predict.main(['--checkpoint', ckpt, str(shots / 'stream.jpg'), str(shots / 'a.jpg'),
+                         '--output', str(out), *FAST]) == 1
+    rows = _read_csv(out)
+    assert rows[0]['error'] == 'not a regular file (a pipe, socket or device)' and rows[1]['score']
+    assert predict.main(['--checkpoint', ckpt, str(shots / 'a.jpg'), str(tmp_path / 'no*.png'),
+                         '--output', str(tmp_path / 'glob.csv'), *FAST]) == 1
