@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import json
@@ -253,9 +254,12 @@ def read_records(key: str, root: str, split: str, options: Optional[dict] = None
 
 
 def evaluate_records(scorer: predict.Scorer, records, prep: predict.Preprocessing, *,
-                     workers: int = 0, progress: bool = True, desc: str = '') -> dict:
+                     workers: int = 0, progress: bool = True, desc: str = '',
+                     predictions: Optional[str] = None) -> dict:
     """Scores `records` and computes the metrics on the images that could be scored.
 
+    predictions: a CSV file (predictions_<dataset>.csv) that gets each image's row as its
+    batch finishes, so a run stopped part way keeps what it scored.
     Returns {'n_images', 'n_failed', 'metrics': dataset_metrics(...), 'rows': one dict per
     image (name, path, label, score, weight_stage1..4, error)}.
     """
@@ -263,20 +267,31 @@ def evaluate_records(scorer: predict.Scorer, records, prep: predict.Preprocessin
 
     bar = tqdm.tqdm(total=len(records), unit='img', file=sys.stderr, disable=not progress,
                     desc=desc, dynamic_ncols=True)
-    results = []
-    for batch in predict.score_files(scorer, [r.image for r in records], prep, workers=workers):
-        results.extend(batch)
-        bar.update(len(batch))
-    bar.close()
     rows, pred, target = [], [], []
-    for record, result in zip(records, results):
-        rows.append({'name': record.name, 'label': record.score, **result.row()})
-        if result.error:
-            print(f'warning: {result.path}: {result.error}', file=sys.stderr)
-        # Left out only when unscored (not decodable); a NaN score makes the metrics NaN.
-        if result.score is not None:
-            pred.append(result.score)
-            target.append(record.score)
+    # Names as the file system gives them (surrogate escapes written back as their bytes).
+    out = (open(predictions, 'w', newline='', errors='surrogateescape') if predictions
+           else contextlib.nullcontext())
+    with out:
+        writer = csv.DictWriter(out, ['name', 'label'] + predict.COLUMNS) if predictions else None
+        if writer:
+            writer.writeheader()
+        paths = [r.image for r in records]
+        for batch in predict.score_files(scorer, paths, prep, workers=workers):
+            first = len(rows)
+            for record, result in zip(records[first:first + len(batch)], batch):
+                rows.append({'name': record.name, 'label': record.score, **result.row()})
+                if result.error:
+                    print(f'warning: {result.path}: {result.error}', file=sys.stderr)
+                # Left out only when unscored (not decodable); a NaN score makes the
+                # metrics NaN.
+                if result.score is not None:
+                    pred.append(result.score)
+                    target.append(record.score)
+            if writer:
+                writer.writerows(rows[first:])
+                out.flush()
+            bar.update(len(batch))
+    bar.close()
     metrics = dataset_metrics(np.array(pred), np.array(target))
     return {'n_images': len(pred), 'n_failed': len(records) - len(pred), 'metrics': metrics,
             'rows': rows}
@@ -357,18 +372,9 @@ def make_output_dir(out_dir: str) -> None:
                          f'({e.strerror or e})') from None
 
 
-def write_predictions(out_dir: str, key: str, result: dict) -> None:
-    """predictions_<key>.csv: one row per image of a dataset's `evaluate_records` result."""
-    with open(os.path.join(out_dir, f'predictions_{key}.csv'), 'w', newline='',
-              errors='surrogateescape') as f:   # names as the file system gives them
-        writer = csv.DictWriter(f, ['name', 'label'] + predict.COLUMNS)
-        writer.writeheader()
-        writer.writerows(result['rows'])
-
-
 def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdown: str) -> None:
     """table3.md, table3.csv (one row per dataset + average) and results.json (the
-    predictions_*.csv are written as each dataset is scored, `write_predictions`)."""
+    predictions_*.csv are written as each dataset is scored, `evaluate_records`)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, 'table3.md'), 'w') as f:
         f.write(markdown + '\n')
@@ -469,13 +475,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     results = {}
     for key in keys:
-        results[key] = evaluate_records(scorer, records[key], prep, workers=args.workers,
-                                        progress=not args.no_progress, desc=DATASETS[key].title)
+        results[key] = evaluate_records(
+            scorer, records[key], prep, workers=args.workers, progress=not args.no_progress,
+            desc=DATASETS[key].title,
+            predictions=os.path.join(out_dir, f'predictions_{key}.csv'))
         results[key]['n_excluded'] = len(excluded[key])
         results[key]['excluded'] = dict(collections.Counter(
             p.reason.split(' (')[0] for p in excluded[key]))
-        # Now, so that a run stopped on a later dataset keeps this one's.
-        write_predictions(out_dir, key, results[key])
     elapsed = time.perf_counter() - start
     c = model.config
     model_name = f'SMART-IQA {c.variant}/{c.fusion}'

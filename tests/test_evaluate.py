@@ -171,6 +171,26 @@ def test_a_failing_run_keeps_the_predictions_of_the_datasets_it_scored(ckpt, dat
     assert not (out / 'predictions_spaq.csv').exists()
 
 
+def test_a_dataset_stopped_part_way_keeps_the_rows_it_scored(tmp_path, monkeypatch):
+    from smartiqa_jax import data, predict
+    scale = data.ScoreScale('mos', 0.0, 5.0)
+    records = [data.Record(image=f'/d/{i}.jpg', score=float(i), name=f'{i}.jpg', scale=scale)
+               for i in range(6)]
+
+    def two_batches_then_stop(scorer, paths, prep, workers=0):
+        for start in (0, 3):
+            yield [predict.Result(p, score=1.5 * i) for i, p in enumerate(paths[start:start + 3])]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, 'score_files', two_batches_then_stop)
+    out = tmp_path / 'predictions_csv.csv'
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.evaluate_records(None, records, None, progress=False, predictions=str(out))
+    rows = _read_csv(out)
+    assert [r['name'] for r in rows] == [f'{i}.jpg' for i in range(6)]
+    assert [r['label'] for r in rows] == [str(float(i)) for i in range(6)]
+
+
 def test_logistic_plcc_recovers_a_monotonic_link():
     rng = np.random.default_rng(0)
     pred = rng.uniform(-3, 3, 200)
