@@ -338,17 +338,21 @@ class Interrupted(Exception):
     """Stands for Ctrl-C or a crash (a real KeyboardInterrupt would also stop pytest)."""
 
 
-def test_interrupted_run_keeps_finished_batches(ckpt, folder, tmp_path, monkeypatch):
+def _stop_at_the_second_batch(monkeypatch, error: type[BaseException]) -> None:
     calls = []
     original = predict.Scorer.__call__
 
     def failing_second_batch(self, crops):
         calls.append(len(crops))
         if len(calls) == 2:
-            raise Interrupted
+            raise error
         return original(self, crops)
 
     monkeypatch.setattr(predict.Scorer, '__call__', failing_second_batch)
+
+
+def test_interrupted_run_keeps_finished_batches(ckpt, folder, tmp_path, monkeypatch):
+    _stop_at_the_second_batch(monkeypatch, Interrupted)
     out = tmp_path / 'partial.csv'
     paths = [str(folder / n) for n in GOOD]
     with pytest.raises(Interrupted):
@@ -473,16 +477,7 @@ def test_an_existing_output_is_kept_resumed_or_replaced_only_when_asked(ckpt, fo
 
 def test_ctrl_c_keeps_the_finished_batches_and_says_how_to_go_on(ckpt, folder, tmp_path,
                                                                   monkeypatch, capsys):
-    calls = []
-    original = predict.Scorer.__call__
-
-    def interrupted_second_batch(self, crops):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, crops)
-
-    monkeypatch.setattr(predict.Scorer, '__call__', interrupted_second_batch)
+    _stop_at_the_second_batch(monkeypatch, KeyboardInterrupt)
     out = tmp_path / 'partial.csv'
     paths = [str(folder / n) for n in GOOD]
     assert predict.main(['--checkpoint', ckpt, *paths, '--output', str(out), *FAST]) == 130
