@@ -191,8 +191,9 @@ def load(path: str | os.PathLike, **config_overrides) -> SmartIQA:
     """Loads a ready model (eval mode) from a checkpoint directory or a training workdir.
 
     Also from a released SMART-IQA PyTorch state_dict file (.pth, .pt, .bin, .ckpt,
-    .safetensors or any other name; variant, fusion and patch norm detected from its keys, the label
-    scale KonIQ's 0..100 as released), read without unpickling anything but tensors.
+    .safetensors or any other name; variant, fusion and patch norm detected from its keys,
+    the label scale KonIQ's 0..100 as released, or the one a .safetensors export records),
+    read without unpickling anything but tensors.
     `config_overrides` replace fields of the stored ModelConfig, e.g. dtype='bfloat16'.
     The window attention implementation the checkpoint was trained with is not kept:
     the model takes 'auto', the best one for this machine and `dtype` (the Pallas

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+# Where training checkpoints keep the weights (the released code: model_state_dict).
+WRAPPER_KEYS = ('model_state_dict', 'state_dict', 'model')
+
 
 def numpy_safe_globals() -> list:
     """numpy's reconstructors of arrays, scalars and dtypes, for torch.load(weights_only=True).

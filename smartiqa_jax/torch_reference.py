@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file as _load_safetensors
 from torch import nn
 
-from smartiqa_jax.torch_io import is_safetensors, load_weights_only
+from smartiqa_jax.torch_io import WRAPPER_KEYS, is_safetensors, load_weights_only
 
 __all__ = [
     "VARIANTS",
@@ -341,7 +341,6 @@ class SmartIQATorch(nn.Module):
 
 
 # --------------------------------------------------------------------- loading
-_WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
 
 
 def load_released_state_dict(path_or_dict: Any) -> dict[str, torch.Tensor]:
@@ -371,7 +370,7 @@ def load_released_state_dict(path_or_dict: Any) -> dict[str, torch.Tensor]:
         raise TypeError(f"expected a path or a mapping, got {type(path_or_dict).__name__}")
 
     while isinstance(obj, Mapping):
-        wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        wrapper = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if wrapper is None:
             break
         obj = obj[wrapper]

@@ -20,8 +20,10 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 from flax import nnx
 
+from smartiqa_jax import torch_io
 from smartiqa_jax.models.smartiqa import ModelConfig, SmartIQA
 from smartiqa_jax.models.variants import VARIANTS, get_variant
+from smartiqa_jax.torch_io import WRAPPER_KEYS
 
 Path = tuple[Any, ...]
 BACKBONE_PREFIX = 'swin.backbone.'
@@ -148,7 +150,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise WeightsError(f'{path}: no such file')
     if os.path.getsize(path) == 0:
         raise WeightsError(f'{path}: the file is empty')
-    from smartiqa_jax import torch_io
     if torch_io.is_safetensors(path):
         from safetensors.numpy import load_file
         try:
@@ -177,9 +178,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return _unwrap(state, path)
 
 
-WRAPPER_KEYS = ('model_state_dict', 'state_dict', 'model')
-
-
 def _unwrap(state: Any, path: str) -> dict[str, np.ndarray]:
     top = state
     # Training checkpoints nest the weights, sometimes twice ({'state_dict': {'model': ...}}).
@@ -203,14 +201,14 @@ def _unwrap(state: Any, path: str) -> dict[str, np.ndarray]:
                                "is unclear")
         out[name] = _to_numpy(value)
     if not out:
-        nested = [str(k) for k, v in top.items() if isinstance(v, Mapping)] \
-            if isinstance(top, Mapping) else []
-        raise WeightsError(
-            f'{path}: holds no tensors' + (
-                f' where the weights are looked for ({", ".join(WRAPPER_KEYS)}, or the top '
-                f'level); its top-level keys: {", ".join(map(str, list(top)[:12]))}'
-                + (f'; mappings among them: {", ".join(nested)}' if nested else '')
-                if isinstance(top, Mapping) and top else ''))
+        detail = ''
+        if isinstance(top, Mapping) and top:
+            detail = (f' where the weights are looked for ({", ".join(WRAPPER_KEYS)}, or the '
+                      f'top level); its top-level keys: {", ".join(map(str, list(top)[:12]))}')
+            nested = [str(k) for k, v in top.items() if isinstance(v, Mapping)]
+            if nested:
+                detail += f'; mappings among them: {", ".join(nested)}'
+        raise WeightsError(f'{path}: holds no tensors{detail}')
     return out
 
 
@@ -339,7 +337,6 @@ def read_label_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """{'label_name', 'label_range'} recorded in a .safetensors file (label_metadata); {} for
     other files, or when it records none."""
     import json
-    from smartiqa_jax import torch_io
     if not torch_io.is_safetensors(path):
         return {}
     from safetensors import safe_open
