@@ -1,4 +1,5 @@
-r"""The paper's setup: Swin-Base SMART-IQA on KonIQ-10k, official split (SPEC 2).
+r"""The paper's setup: Swin-Base SMART-IQA on KonIQ-10k (SPEC 2), on the official split
+(the paper's own 7,046 / 2,010 came from course-provided lists: SPEC 3).
 
   python -m smartiqa_jax.train --config configs/base.py --workdir workdirs/base \
       --config.data.root=/data/koniq10k --config.model.backbone_weights=/weights/swin_base.safetensors

@@ -49,6 +49,20 @@ def test_koniq_sets_csv_alone_gives_zscore_but_not_mos(tmp_path):
         readers.read_koniq10k(str(tmp_path), label='MOS')
 
 
+def test_koniq_half_size_release_is_read_with_a_warning(tmp_path, caplog):
+    fx.make_koniq(str(tmp_path))
+    os.rename(tmp_path / '1024x768', tmp_path / '512x384')
+    with caplog.at_level('WARNING'):
+        splits = readers.read_koniq10k(str(tmp_path))
+    assert sum(len(v) for v in splits.splits.values()) == 9
+    assert 'the half-size KonIQ-10k release' in caplog.text
+    caplog.clear()
+    fx.make_koniq(str(tmp_path / 'full'))
+    with caplog.at_level('WARNING'):
+        readers.read_koniq10k(str(tmp_path / 'full'))
+    assert 'half-size' not in caplog.text
+
+
 def test_koniq_missing_split_csv_names_the_file(tmp_path):
     fx.make_koniq(str(tmp_path))
     os.remove(tmp_path / readers.KONIQ_SETS_CSV)

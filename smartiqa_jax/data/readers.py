@@ -286,6 +286,11 @@ def read_koniq10k(root: str, *, label: str = 'MOS_zscore',
         report_rows.append(_Row(name, value, split=row['set']))
     if images_dir is None:
         images_dir = _find(root, ['1024x768', 'images', '512x384', '.'], 'KonIQ-10k image folder')
+        if os.path.basename(images_dir) == '512x384':
+            log.warning('%s: the half-size KonIQ-10k release; the protocol (SPEC 2) squashes '
+                        'the 1024x768 photos to 512 high x 384 wide, so these are resized '
+                        'again from other pixels: use koniq10k_1024x768.zip for the paper\'s '
+                        'numbers', images_dir)
     scale = (ScoreScale('MOS_zscore', 0.0, 100.0) if label == 'MOS_zscore'
              else ScoreScale('MOS', 1.0, 5.0))
     return _assemble(report_rows, dataset='KonIQ-10k', images_dir=images_dir, scale=scale,
@@ -307,8 +312,10 @@ def read_spaq(root: str, *, images_dir: Optional[str] = None,
 
     Layout: `root/Annotations/MOS and Image attribute scores.xlsx` (columns
     `Image name, MOS, ...`) and `root/TestImage/*.jpg`; the xlsx may also sit
-    in `root` itself. Images are large (about 4000x3000): resize before
-    cropping (aspect-preserving, e.g. shorter side 512).
+    in `root` itself. Images are large (about 4000x3000), so they are resized
+    before cropping: a cross-dataset test of a KonIQ-trained model uses the
+    checkpoint's own resize (KonIQ's 512x384 squash); training on SPAQ may keep
+    the aspect instead (resize=int, e.g. 512).
     """
     import openpyxl  # only SPAQ needs it
 
