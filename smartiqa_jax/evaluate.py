@@ -7,7 +7,10 @@
       --csv-score-column mos [--csv-split-column set] --split all
 
 Each dataset is read with its reader (smartiqa_jax.data: official KonIQ split, seeded
-splits for the others; `--split all` takes every image), every image is scored exactly
+splits for the others). The split tested defaults per dataset (`default_split`): the
+held-out test split of the dataset the checkpoint trained on (KonIQ-10k for a released
+model), every image of the others, as cross-dataset tests take them; `--split` sets one
+for all. Every image is scored exactly
 as `smartiqa_jax.predict` scores it (same decode, resize, crops, symmetries, crop
 average; resize, JPEG-aligned crops and symmetries default to the checkpoint's), and
 SRCC / PLCC / KRCC / RMSE come from scipy.stats on the per-image predictions.
@@ -223,6 +226,17 @@ def _resolved(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def default_split(key: str, training_config: dict, trained: Optional[dict]) -> str:
+    """The split of dataset `key` tested when --split is not given: 'test' for the dataset
+    the checkpoint trained on (`trained`: its split settings, `trained_split_options`; a
+    checkpoint without its training config, such as a released model, trained on KonIQ),
+    'all' for the others: a cross-dataset test takes the whole dataset, none of which the
+    model saw."""
+    if not training_config.get('data'):
+        return 'test' if DATASETS[key].reader == 'koniq10k' else 'all'
+    return 'test' if trained is not None else 'all'
+
+
 def read_records(key: str, root: str, split: str, options: Optional[dict] = None, *,
                  with_excluded: bool = False):
     """The records (smartiqa_jax.data.Record) of one split, or of all splits for 'all'.
@@ -325,7 +339,7 @@ def format_table(results: dict[str, dict], model_name: str, logistic: bool = Fal
     return '\n'.join(lines)
 
 
-def format_details(results: dict[str, dict], split: str) -> str:
+def format_details(results: dict[str, dict], splits: dict[str, str]) -> str:
     """Markdown: per dataset the image counts and every metric. 'failed': images of the
     split that did not decode; 'excluded': entries the reader left out of the whole
     dataset (missing files, unusable scores) before any split."""
@@ -334,8 +348,8 @@ def format_details(results: dict[str, dict], split: str) -> str:
              '|---|---|---|---|---|---|---|---|---|---|']
     for key, r in results.items():
         m = r['metrics']
-        lines.append(f'| {DATASETS[key].title} | {split} | {r["n_images"]} | {r["n_failed"]} | '
-                     f'{r.get("n_excluded", 0)} | '
+        lines.append(f'| {DATASETS[key].title} | {splits[key]} | {r["n_images"]} | '
+                     f'{r["n_failed"]} | {r.get("n_excluded", 0)} | '
                      f'{_fmt(m["srcc"])} | {_fmt(m["plcc"])} | {_fmt(m["plcc_logistic"])} | '
                      f'{_fmt(m["krcc"])} | {_fmt(m["rmse"], 3)} |')
     return '\n'.join(lines)
@@ -383,10 +397,10 @@ def write_outputs(out_dir: str, results: dict[str, dict], summary: dict, markdow
         counts = ('n_images', 'n_failed', 'n_excluded')
         writer.writerow(['dataset', 'split', *counts, *METRICS])
         for key, r in results.items():
-            writer.writerow([key, summary['split'], *(r.get(c, 0) for c in counts),
+            writer.writerow([key, summary['splits'][key], *(r.get(c, 0) for c in counts),
                              *(r['metrics'][m] for m in METRICS)])
         avg = summary['average']
-        writer.writerow(['average', summary['split'],
+        writer.writerow(['average', '+'.join(dict.fromkeys(summary['splits'].values())),
                          *(sum(r.get(c, 0) for r in results.values()) for c in counts),
                          *(avg[m] for m in METRICS)])
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
@@ -426,8 +440,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="the labels' scale (default: their min and max)")
     csv_flags.add_argument('--csv-split-seed', type=int, default=None,
                            help='default: the training run\'s for its CSV, else 0')
-    parser.add_argument('--split', default='test', choices=SPLIT_CHOICES,
-                        help='split to test on (default test; all = every image of the dataset)')
+    parser.add_argument('--split', default=None, choices=SPLIT_CHOICES,
+                        help='split to test on, for every dataset (all = every image); default: '
+                             'test for the dataset the checkpoint trained on (KonIQ-10k for a '
+                             'released model), all for the others (cross-dataset)')
     parser.add_argument('--logistic', action='store_true',
                         help='add a Table III row of PLCC after a 4-parameter logistic fit')
     parser.add_argument('--output-dir', default=None,
@@ -451,16 +467,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             training_config = checkpoint.training_config(checkpoint.resolve(args.checkpoint))
         except checkpoint.CheckpointError:
             training_config = {}   # load_for_scoring below says what is wrong
-        records, excluded = {}, {}
+        records, excluded, splits = {}, {}, {}
         for k in keys:
             trained = trained_split_options(training_config, k, roots[k])
-            if trained is not None and args.split != 'all':
+            splits[k] = args.split or default_split(k, training_config, trained)
+            if trained is not None and splits[k] != 'all':
                 settings = ', '.join(f'{o}={v!r}' for o, v in trained.items())
-                print(f'{DATASETS[k].title}: the {args.split} split as the checkpoint\'s '
+                print(f'{DATASETS[k].title}: the {splits[k]} split as the checkpoint\'s '
                       f'training run made it ({settings or "the official split"}; flags '
                       'given override these)', file=sys.stderr)
             options = csv_options(args, trained) if k == 'csv' else trained
-            records[k], excluded[k] = read_records(k, roots[k], args.split, options,
+            records[k], excluded[k] = read_records(k, roots[k], splits[k], options,
                                                    with_excluded=True)
         if args.output_dir:
             make_output_dir(args.output_dir)   # before the model is loaded
@@ -487,7 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model_name = f'SMART-IQA {c.variant}/{c.fusion}'
     summary = {
         'checkpoint': str(directory), 'model': model_name, 'label': c.label_name,
-        'split': args.split, 'preprocessing': prep.describe(),
+        'splits': splits, 'preprocessing': prep.describe(),
         'plcc': 'raw Pearson correlation (no fit); plcc_logistic: after a 4-parameter logistic fit',
         'datasets': {k: {'title': DATASETS[k].title, 'root': os.path.abspath(roots[k]),
                          'n_images': r['n_images'], 'n_failed': r['n_failed'],
@@ -496,10 +513,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      for k, r in results.items()},
         'average': average(results), 'seconds': round(elapsed, 1),
     }
-    markdown = (f'{model_name} ({directory}), {args.split} split; {prep.describe()}. '
+    tested = ', '.join(f'{DATASETS[k].title} {s}' for k, s in splits.items())
+    markdown = (f'{model_name} ({directory}), splits: {tested}; {prep.describe()}. '
                 f'PLCC is raw (no logistic fit); Average is the mean over the datasets.\n\n'
                 + format_table(results, model_name, args.logistic) + '\n\n'
-                + format_details(results, args.split))
+                + format_details(results, splits))
     write_outputs(out_dir, results, summary, markdown)
     n = sum(r['n_images'] for r in results.values())
     print(markdown)

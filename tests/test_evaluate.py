@@ -68,8 +68,16 @@ def test_table3_from_fixture_datasets_matches_scipy(ckpt, data_root, tmp_path, c
     assert float(summary['average']['srcc']) == pytest.approx(np.mean(srccs), abs=1e-12)
     assert float(summary['average']['plcc']) == pytest.approx(np.mean(plccs), abs=1e-12)
     results = json.loads((out / 'results.json').read_text())
-    assert results['split'] == 'test' and 'raw' in results['plcc']
+    # A model without its training config (as released) trained on KonIQ: its test split
+    # there, and the other datasets whole, as cross-dataset tests take them.
+    assert results['splits'] == {'koniq': 'test', 'spaq': 'all', 'kadid': 'all',
+                                 'agiqa': 'all'} and 'raw' in results['plcc']
     assert results['datasets']['koniq']['n_images'] == 4  # official split: every third image
+    from smartiqa_jax import data
+    assert results['datasets']['spaq']['n_images'] == sum(
+        len(v) for v in data.load_splits('spaq', str(data_root / 'spaq')).splits.values())
+    assert 'KonIQ-10k test, SPAQ all, KADID-10K all, AGIQA-3K all' in table
+    assert [summary[k]['split'] for k in summary] == ['test', 'all', 'all', 'all', 'test+all']
 
 
 def test_your_own_csv_with_its_own_columns(ckpt, tmp_path, capsys):
@@ -256,6 +264,15 @@ def test_a_training_runs_model_is_tested_on_the_split_that_run_made(ckpt, data_r
     other = evaluate.trained_split_options(trained_csv, 'csv', '/data/b/labels.csv')
     assert 'images_dir' not in other and other['score_column'] == 'mos'
     assert evaluate.trained_split_options(trained_csv, 'csv', '/data/b/mine.csv') is None
+
+
+def test_the_default_split_is_the_held_out_one_where_the_model_trained_and_all_elsewhere():
+    spaq_run = {'data': {'dataset': 'spaq', 'split_seed': 2}}
+    assert evaluate.default_split('koniq', {}, None) == 'test'      # released: KonIQ
+    assert evaluate.default_split('spaq', {}, None) == 'all'
+    assert evaluate.default_split('koniq', spaq_run, None) == 'all'
+    assert evaluate.default_split(
+        'spaq', spaq_run, evaluate.trained_split_options(spaq_run, 'spaq', '/d/spaq')) == 'test'
 
 
 def test_default_output_folders_of_different_checkpoints_differ():
