@@ -207,6 +207,24 @@ def test_two_workers_are_deterministic_and_cover_the_epoch(tmp_path):
     assert len(runs[0]) == len(inline) == 6 and scores(runs[0]) == scores(inline)
 
 
+def test_evaluation_batches_are_full_with_workers_too(tmp_path):
+    """Each worker batches its own share of the crops: padded so that every share is whole
+    batches, every batch has one shape (a short one would not split over the devices)."""
+    recs = records(tmp_path)[:5]
+    args = dict(global_batch_size=4, crops=4, crop_mode='random', crop_size=32,
+                resize=(48, 40), shard_index=0, shard_count=1)
+    inline = pipeline.make_eval_loader(recs, **args)
+    workers = pipeline.make_eval_loader(recs, **args, worker_count=2)
+    batches = list(workers)
+    assert [len(b['index']) for b in batches] == [4] * workers.batches_per_epoch
+    def per_image(run):
+        joined = {k: np.concatenate([b[k] for b in run]) for k in ('index', 'image', 'mask')}
+        return pipeline.aggregate_crops(joined['index'], joined['image'].mean((1, 2, 3)), 5,
+                                        mask=joined['mask'])
+
+    np.testing.assert_allclose(per_image(list(inline)), per_image(batches), rtol=1e-6)
+
+
 def test_an_image_the_resize_would_blow_up_costs_that_image_only(tmp_path, monkeypatch,
                                                                   caplog):
     """resize None (data.resize=()) scales a 1 x 500 strip up to the crop, 32 x 16000: over

@@ -527,9 +527,13 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
         one place; not in the paper (configs/demo.py).
       worker_count: grain worker processes (0 = in this process). The caller's
         script needs an `if __name__ == '__main__':` guard for workers > 0.
+        Each worker batches its own share of the patches, so a batch mixes
+        patches of neighbouring passes, and a pass's images are not all in
+        the same `batches_per_epoch` batches.
       shard_index, shard_count: this host's shard; default jax.process_index()
         and jax.process_count(). Shards are disjoint and equal-sized (the
-        remainder of the epoch is dropped so all hosts take the same steps).
+        at most shard_count - 1 patches that do not divide are dropped, the
+        same each pass, so all hosts take the same steps).
       cache: False; True to decode + resize every image once into a shared
         memory-mapped uint8 file in a temp dir; or a directory path for it;
         or a `make_decoded_cache` result to share with other loaders of the
@@ -539,7 +543,9 @@ def make_train_loader(source: Any, *, batch_size: Optional[int] = None,
     Returns:
       Loader yielding {'image': float32 (B, crop, crop, 3) ImageNet-normalised
       NHWC, 'score': float32 (B,) labels as the source has them}, B = per-host
-      batch; batches_per_epoch = n_images * patches // (B * shard_count).
+      batch; batches_per_epoch = n_images * patches // (B * shard_count). With
+      num_epochs=None the stream runs on across passes, and a trainer's epoch
+      of batches_per_epoch batches ends within a batch of a pass's end.
     """
     shard_index, shard_count = _shards(shard_index, shard_count)
     per_host = _per_host_batch(batch_size, global_batch_size, shard_count)
@@ -597,7 +603,8 @@ def make_eval_loader(source: Any, *, batch_size: Optional[int] = None,
       'mask': bool (B,) False for padding and for images that failed to decode}.
       Image k's crops are the k*crops .. k*crops+crops-1 entries of the whole
       stream. Every batch is full: the stream is padded to a multiple of
-      B * shard_count, so all hosts run the same number of steps. Average with
+      B * shard_count (times worker_count, each worker batching its own share),
+      so all hosts run the same number of steps of one shape. Average with
       `aggregate_crops` after gathering every host's outputs.
     """
     if crop_mode not in CROP_MODES:
@@ -612,7 +619,10 @@ def make_eval_loader(source: Any, *, batch_size: Optional[int] = None,
     reader, _, report = _prepare(source, resize, crop_size, cache)
     num_images = len(reader)
     step = per_host * shard_count
-    length = math.ceil(num_images * crops / step) * step
+    # grain gives a shard's record i to worker i % worker_count, which batches its own
+    # records: each worker's share must be whole batches too.
+    pad_to = step * max(worker_count, 1)
+    length = math.ceil(num_images * crops / pad_to) * pad_to
     crop_source = _EvalCropSource(reader, crops, length)
     sampler = grain.IndexSampler(
         num_records=length,
