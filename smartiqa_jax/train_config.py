@@ -125,8 +125,9 @@ def model_config_from(config: ml_collections.ConfigDict, scale=None):
 RESUME_MAY_CHANGE = frozenset({
     'train.progress_bar', 'train.log_every_steps', 'train.checkpoint_every_steps',
     'train.keep_checkpoints', 'train.compilation_cache_dir', 'train.cpu_devices',
-    'train.eval_batch_size', 'data.root', 'data.cross_datasets', 'data.csv.images_dir', 'data.label_name', 'data.label_range',
-    'model.attention', 'model.init_from', 'model.backbone_weights'})
+    'train.eval_batch_size', 'data.root', 'data.cross_datasets', 'data.csv.images_dir',
+    'data.label_name', 'data.label_range', 'model.attention', 'model.init_from',
+    'model.backbone_weights'})
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
