@@ -17,11 +17,12 @@ def enable(directory: str | None) -> str | None:
     """Turns on JAX's persistent compilation cache in `directory` ('' or None: off);
     returns the directory in use, or None when off.
 
-    A JAX_COMPILATION_CACHE_DIR set in the environment is left in charge. Has to run
-    before the process's first compilation to take effect.
+    A JAX_COMPILATION_CACHE_DIR set in the environment is left in charge (set but empty:
+    off, as JAX reads it). Has to run before the process's first compilation to take
+    effect.
     """
-    if os.environ.get('JAX_COMPILATION_CACHE_DIR'):
-        return os.environ['JAX_COMPILATION_CACHE_DIR']
+    if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+        return os.environ['JAX_COMPILATION_CACHE_DIR'] or None
     if not directory:
         return None
     import jax   # here: the command-line flags read DEFAULT_DIR without importing JAX

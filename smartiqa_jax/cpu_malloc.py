@@ -122,7 +122,8 @@ def reason_not_to_replay() -> str | None:
 
     Re-executing `sys.orig_argv` repeats the command only when it is this program's own
     command line: not in an interactive session or a notebook kernel (it would restart
-    the interpreter, losing the session), not for a program read from stdin (already
+    the interpreter, losing the session), not under a debugger (its breakpoints and
+    connection would be lost), not for a program read from stdin or a pipe (already
     consumed), and not when sys.argv was rewritten by a caller (runpy, %run).
     """
     if sys.flags.interactive or hasattr(sys, 'ps1'):
@@ -131,8 +132,14 @@ def reason_not_to_replay() -> str | None:
     if ipython is not None and getattr(ipython, 'get_ipython', lambda: None)() is not None:
         return 'an IPython session'
     orig = list(getattr(sys, 'orig_argv', []))
-    if len(orig) < 2 or orig[1] == '-':
+    if (sys.gettrace() is not None or 'pydevd' in sys.modules or 'debugpy' in sys.modules
+            or any(a == '-m' and b in ('pdb', 'debugpy') for a, b in zip(orig, orig[1:]))):
+        return 'a debugger'
+    program = sys.argv[0] if sys.argv else ''
+    if len(orig) < 2 or program in ('-', ''):
         return 'the program was read from stdin'
+    if program != '-c' and not os.path.isfile(program):    # python <(...): a pipe
+        return 'the program was read from a pipe'
     args = sys.argv[1:]
     if args and orig[-len(args):] != args:
         return 'sys.argv is not the command line'

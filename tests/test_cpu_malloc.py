@@ -80,11 +80,13 @@ def test_the_train_command_restarts_itself_once_and_keeps_its_arguments():
 
 
 @needs_glibc
-@pytest.mark.parametrize('how', ['stdin', 'argv rewritten', 'interactive'])
-def test_a_command_line_that_cannot_be_replayed_is_not_restarted(how):
-    """A program from stdin, a caller that rewrote sys.argv (runpy, IPython's %run) or an
-    interactive session: re-executing sys.orig_argv would not repeat the command (it would
-    start a bare interpreter and lose the session), so the process goes on as it is."""
+@pytest.mark.parametrize('how', ['stdin', 'stdin after a flag', 'argv rewritten', 'interactive',
+                                 'debugger'])
+def test_a_command_line_that_cannot_be_replayed_is_not_restarted(how, tmp_path):
+    """A program from stdin, a caller that rewrote sys.argv (runpy, IPython's %run), an
+    interactive session or a debugger: re-executing sys.orig_argv would not repeat the
+    command (it would start a bare interpreter and lose the session or the breakpoints),
+    so the process goes on as it is."""
     code = textwrap.dedent('''
         import sys
         from smartiqa_jax import cpu_malloc
@@ -94,6 +96,11 @@ def test_a_command_line_that_cannot_be_replayed_is_not_restarted(how):
     ''').replace('ARGV', str(how == 'argv rewritten'))
     if how == 'stdin':
         command, stdin = [sys.executable, '-'], code
+    elif how == 'stdin after a flag':
+        command, stdin = [sys.executable, '-u', '-', 'predict'], code
+    elif how == 'debugger':
+        (tmp_path / 'prog.py').write_text(code)
+        command, stdin = [sys.executable, '-m', 'pdb', str(tmp_path / 'prog.py')], 'c\nq\n'
     elif how == 'argv rewritten':
         command, stdin = [sys.executable, '-c', code], None
     else:

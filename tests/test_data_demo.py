@@ -6,6 +6,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 
 from smartiqa_jax.data import demo
 
@@ -56,6 +57,26 @@ def test_demo_is_deterministic_idempotent_and_split_by_photo(tmp_path):
 
     other = demo.ensure_demo_dataset(str(tmp_path / 'a'), seed=1, regions_per_photo=1)
     assert other != a and digest(other) != digest(a)
+
+
+def test_demo_folder_is_for_every_reader_and_broken_builds_are_named_or_cleared(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = demo.ensure_demo_dataset(str(tmp_path), seed=0, regions_per_photo=1)
+    finally:
+        os.umask(umask)
+    for folder in (path, os.path.join(path, 'images')):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder   # not mkdtemp's 0700
+    # A build killed an hour ago left its temporary folder: the next build clears it.
+    stale = tmp_path / (demo.TMP_PREFIX + 'killed')
+    stale.mkdir()
+    os.utime(stale, (0, 0))
+    os.remove(os.path.join(path, 'labels.csv'))    # and a half-removed dataset
+    with pytest.raises(OSError, match=f'{path} exists but holds no labels.csv .* delete that '
+                                      'folder'):
+        demo.ensure_demo_dataset(str(tmp_path), seed=0, regions_per_photo=1)
+    assert not stale.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(demo.TMP_PREFIX)]
 
 
 def test_read_demo_gives_splits_with_0_100_scale(tmp_path):

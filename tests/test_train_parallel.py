@@ -180,4 +180,6 @@ def test_compilation_cache_setting(monkeypatch, tmp_path):
     assert calls == [('jax_compilation_cache_dir', str(tmp_path / 'c'))]
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '/elsewhere')
     assert compilation_cache.enable(str(tmp_path / 'c')) == '/elsewhere'
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '')    # set empty: off, as JAX reads it
+    assert compilation_cache.enable(str(tmp_path / 'c')) is None
     assert len(calls) == 1

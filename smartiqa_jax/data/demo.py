@@ -221,19 +221,45 @@ def ensure_demo_dataset(root: str, seed: int = 0, *, regions_per_photo: int = 4,
     if os.path.exists(os.path.join(path, 'labels.csv')):
         return path
     os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.demo_tmp_', dir=root)
+    _remove_abandoned_builds(root)
+    tmp = tempfile.mkdtemp(prefix=TMP_PREFIX, dir=root)
     try:
         _generate(tmp, seed, regions_per_photo, fractions)
         with open(os.path.join(tmp, 'params.json'), 'w') as f:
             json.dump(params, f, indent=1)
+        # mkdtemp makes the folder its creator's alone; the dataset is for anyone who
+        # may read `root` (a shared data folder, a container of another user).
+        umask = os.umask(0)
+        os.umask(umask)
+        for folder, _, _ in os.walk(tmp):
+            os.chmod(folder, 0o777 & ~umask)
         try:
             os.rename(tmp, path)
-        except OSError:  # another process finished first
+        except OSError:  # another process finished first, or a broken folder is in the way
             if not os.path.exists(os.path.join(path, 'labels.csv')):
-                raise
+                raise OSError(f'{path} exists but holds no labels.csv (an interrupted '
+                              'removal?): delete that folder and run again') from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+TMP_PREFIX = '.demo_tmp_'
+
+
+def _remove_abandoned_builds(root: str, older_than_s: float = 3600.0) -> None:
+    """Removes the temporary folders of builds killed before their cleanup (a build takes
+    seconds; one older than an hour is nobody's)."""
+    import time
+    for name in os.listdir(root):
+        folder = os.path.join(root, name)
+        try:
+            stale = (name.startswith(TMP_PREFIX) and os.path.isdir(folder)
+                     and time.time() - os.path.getmtime(folder) > older_than_s)
+        except OSError:   # removed by another process meanwhile
+            continue
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _generate(out: str, seed: int, regions_per_photo: int, fractions: Sequence[float]) -> None:
