@@ -34,6 +34,10 @@ decoded are left out of the metrics and counted), 2 usage or missing data.
 
 from __future__ import annotations
 
+if __name__ == '__main__':   # first: a restart here pays for the imports below only once
+    from smartiqa_jax import cpu_malloc
+    cpu_malloc.reexec_with_tunables()
+
 import argparse
 import collections
 import contextlib
@@ -527,6 +531,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    from smartiqa_jax import cpu_malloc
-    cpu_malloc.reexec_with_tunables()
     sys.exit(main())

@@ -44,6 +44,10 @@ still scored and written) or a folder or pattern matched no image, 2 for usage e
 
 from __future__ import annotations
 
+if __name__ == '__main__':   # first: a restart here pays for the imports below only once
+    from smartiqa_jax import cpu_malloc
+    cpu_malloc.reexec_with_tunables()
+
 import argparse
 import collections
 import concurrent.futures
@@ -947,6 +951,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-    from smartiqa_jax import cpu_malloc
-    cpu_malloc.reexec_with_tunables()
     sys.exit(main())

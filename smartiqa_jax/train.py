@@ -25,6 +25,10 @@ the final table).
 
 from __future__ import annotations
 
+if __name__ == '__main__':   # first: a restart here pays for the imports below only once
+    from smartiqa_jax import cpu_malloc
+    cpu_malloc.reexec_with_tunables()
+
 import dataclasses
 import json
 import os
@@ -553,6 +557,4 @@ def _prepare_config_file(argv) -> str | None:
 
 
 if __name__ == '__main__':
-    from smartiqa_jax import cpu_malloc
-    cpu_malloc.reexec_with_tunables()
     main()
