@@ -603,7 +603,9 @@ class RowWriter:
         self.format = self.output_format(path)
         self.written = 0   # rows written by this writer
         append = append and bool(path) and os.path.exists(path)
-        self._rows: list[dict] = _read_rows(path, self.format) if append else []
+        # The JSON array is rewritten whole: it keeps every row, the earlier run's too.
+        self._rows: list[dict] = (_read_rows(path, self.format)
+                                  if append and self.format == 'json' else [])
         self._restore_errors: Optional[str] = None
         self._file = None
         if self.format == 'json':
@@ -623,7 +625,6 @@ class RowWriter:
                 if not append:
                     self._csv.writeheader()
                 self._file.flush()
-            self._rows = []   # kept only for the JSON array
 
     @staticmethod
     def output_format(path: Optional[str]) -> str:
@@ -931,15 +932,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     total_score += r.score
             bar.update(len(results))
     except KeyboardInterrupt:
+        interrupted = True
+    else:
+        interrupted = False
+    finally:
         bar.close()
         writer.close()
+    if interrupted:
         where = (f'{os.path.abspath(args.output)}; the same command with --resume scores the '
                  'rest' if args.output else 'stdout')
         print(f'interrupted: {writer.written} rows written to {where}', file=sys.stderr)
         return 130
-    finally:
-        bar.close()
-        writer.close()
     elapsed = time.perf_counter() - start
     mean = f'{total_score / scored:.3f}' if scored else 'n/a'
     where = f' -> {os.path.abspath(args.output)}' if args.output else ''
