@@ -32,7 +32,9 @@ if __name__ == '__main__':   # first: a restart here pays for the imports below 
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -53,6 +55,20 @@ from smartiqa_jax.train_log import MetricLog, format_summary, plot_curves
 from smartiqa_jax.train_params import (ARCHITECTURE_KEYS, adopt_architecture, build_params,
                                        calibrate_score_layers, init_label_map, load_init_model,
                                        score_scale_of)
+
+
+# Set by `main`'s SIGINT / SIGTERM handler: the loop stops before its next step. (An
+# exception raised by the handler itself can land where Python ignores it, e.g. in JAX's
+# garbage-collection callback, and the run would go on.)
+_STOP = threading.Event()
+
+
+def _request_stop(signum, frame) -> None:
+    if _STOP.is_set():
+        raise KeyboardInterrupt
+    _STOP.set()
+    sys.stderr.write(f'\n{signal.Signals(signum).name}: stopping before the next step, once the '
+                     'checkpoint being written is on disk (again: stop at once)\n')
 
 
 class TrainingDivergedError(RuntimeError):
@@ -284,63 +300,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          progress=progress.to_json(), config=config_json,
                          model_config=_json_model_config(model_config))
 
-    while step < total_steps and not progress.stopped_early:
-        epoch = step // steps_per_epoch + 1
-        window_metrics, window_start = [], time.perf_counter()
-        bar = tqdm.tqdm(total=steps_per_epoch, initial=step % steps_per_epoch,
-                        desc=f'epoch {epoch}/{config.train.num_epochs}', unit='step',
-                        disable=not is_main or not config.train.progress_bar, leave=False)
-        while True:
-            batch = sharding.shard_batch(feed.next(), mesh)
-            # The step's inputs are already on device: any implicit host<->device copy
-            # inside it would be a per-step cost, so make it an error.
-            with jax.transfer_guard('disallow'):
-                state, metrics = train_step(state, batch)
-            step += 1
-            window_metrics.append(metrics)
-            bar.update(1)
-            end_of_epoch = step % steps_per_epoch == 0
-            checkpoint_now = step % config.train.checkpoint_every_steps == 0 and not end_of_epoch
-            # Flush before a checkpoint too: its progress must hold every loss so far.
-            if step % config.train.log_every_steps == 0 or end_of_epoch or checkpoint_now:
-                window = jax.device_get(window_metrics)
-                elapsed = time.perf_counter() - window_start
-                # Before anything from this window is saved: no checkpoint follows a
-                # non-finite loss or holds parameters whose norm is no longer finite.
-                _check_finite(window, step, checkpoints)
-                values = {
-                    'loss': float(np.mean([m['loss'] for m in window])),
-                    'grad_norm': float(np.mean([m['grad_norm'] for m in window])),
-                    'param_norm': float(window[-1]['param_norm']),
-                    'images_per_sec': len(window) * config.train.batch_size / elapsed,
-                    **{f'lr_{g}': float(s(step - 1)) for g, s in schedules.items()},
-                }
-                progress.epoch_losses.extend(float(m['loss']) for m in window)
-                bar.set_postfix(loss=f'{values["loss"]:.4g}',
-                                img_s=f'{values["images_per_sec"]:.1f}')
-                log.write(step, 'train', values)
-                window_metrics, window_start = [], time.perf_counter()
-            if end_of_epoch:
-                break
-            if checkpoint_now:
-                save()
-        bar.close()
+    try:
+        while step < total_steps and not progress.stopped_early:
+            epoch = step // steps_per_epoch + 1
+            window_metrics, window_start = [], time.perf_counter()
+            bar = tqdm.tqdm(total=steps_per_epoch, initial=step % steps_per_epoch,
+                            desc=f'epoch {epoch}/{config.train.num_epochs}', unit='step',
+                            disable=not is_main or not config.train.progress_bar, leave=False)
+            while True:
+                if _STOP.is_set():
+                    raise KeyboardInterrupt
+                batch = sharding.shard_batch(feed.next(), mesh)
+                # The step's inputs are already on device: any implicit host<->device copy
+                # inside it would be a per-step cost, so make it an error.
+                with jax.transfer_guard('disallow'):
+                    state, metrics = train_step(state, batch)
+                step += 1
+                window_metrics.append(metrics)
+                bar.update(1)
+                end_of_epoch = step % steps_per_epoch == 0
+                checkpoint_now = step % config.train.checkpoint_every_steps == 0 and not end_of_epoch
+                # Flush before a checkpoint too: its progress must hold every loss so far.
+                if step % config.train.log_every_steps == 0 or end_of_epoch or checkpoint_now:
+                    window = jax.device_get(window_metrics)
+                    elapsed = time.perf_counter() - window_start
+                    # Before anything from this window is saved: no checkpoint follows a
+                    # non-finite loss or holds parameters whose norm is no longer finite.
+                    _check_finite(window, step, checkpoints)
+                    values = {
+                        'loss': float(np.mean([m['loss'] for m in window])),
+                        'grad_norm': float(np.mean([m['grad_norm'] for m in window])),
+                        'param_norm': float(window[-1]['param_norm']),
+                        'images_per_sec': len(window) * config.train.batch_size / elapsed,
+                        **{f'lr_{g}': float(s(step - 1)) for g, s in schedules.items()},
+                    }
+                    progress.epoch_losses.extend(float(m['loss']) for m in window)
+                    bar.set_postfix(loss=f'{values["loss"]:.4g}',
+                                    img_s=f'{values["images_per_sec"]:.1f}')
+                    log.write(step, 'train', values)
+                    window_metrics, window_start = [], time.perf_counter()
+                if end_of_epoch:
+                    break
+                if checkpoint_now:
+                    save()
+            bar.close()
 
-        val = val_set.evaluate(eval_step, state.params, mesh)
-        values = {'train_loss': float(np.mean(progress.epoch_losses)),
-                  **{f'val_{k}': v for k, v in val.items() if k != 'images'}}
-        improved = progress.record_epoch(epoch, step, values, config.train.patience)
-        log.write(step, 'validation', {'epoch': epoch, **values})
-        say(f'epoch {epoch}: loss {values["train_loss"]:.4f}  validation SRCC '
-            f'{values["val_srcc"]:.4f} PLCC {values["val_plcc"]:.4f}'
-            f'{"  (best)" if improved else ""}  [{time.time() - started:.0f}s]')
-        save()
-        if improved:
-            checkpoints.wait()  # the best must never point at a step that is not on disk
-            checkpoints.mark_best(step, write=is_main)
-        if progress.stopped_early:
-            say(f'Early stop: no better validation SRCC for {config.train.patience} epochs.')
-    checkpoints.wait()
+            val = val_set.evaluate(eval_step, state.params, mesh)
+            values = {'train_loss': float(np.mean(progress.epoch_losses)),
+                      **{f'val_{k}': v for k, v in val.items() if k != 'images'}}
+            improved = progress.record_epoch(epoch, step, values, config.train.patience)
+            log.write(step, 'validation', {'epoch': epoch, **values})
+            say(f'epoch {epoch}: loss {values["train_loss"]:.4f}  validation SRCC '
+                f'{values["val_srcc"]:.4f} PLCC {values["val_plcc"]:.4f}'
+                f'{"  (best)" if improved else ""}  [{time.time() - started:.0f}s]')
+            save()
+            if improved:
+                checkpoints.wait()  # the best must never point at a step that is not on disk
+                checkpoints.mark_best(step, write=is_main)
+            if progress.stopped_early:
+                say(f'Early stop: no better validation SRCC for {config.train.patience} epochs.')
+        checkpoints.wait()
+    except KeyboardInterrupt:   # Ctrl-C, or SIGTERM from the command line (`main`)
+        # Each epoch's checkpoint is written in the background: the save in flight is the
+        # work this stop keeps, so it finishes before the run ends.
+        _stop(checkpoints, log, say)
+        raise
     train_seconds = time.time() - started
 
     # Test the best epoch (chosen on validation) on the test split and cross sets.
@@ -386,6 +410,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(format_summary(results, progress.best_epoch))
         print(f'Wrote {workdir}/summary.json, curves.png, metrics.jsonl, tensorboard/')
     return summary
+
+
+def _stop(checkpoints: TrainCheckpoints, log: MetricLog, say) -> None:
+    """Ends an interrupted run: lets the checkpoint being written finish, says where to go on."""
+    try:
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+        log.close()
+    latest = checkpoints.latest_step()
+    say('\nInterrupted: ' + (f'the latest checkpoint is step {latest} in '
+                              f'{checkpoints.directory}; ' if latest is not None else
+                              'no checkpoint was written yet; ')
+        + 'the same command resumes the run.')
 
 
 def _cross_labels(cross: Sequence[tuple]) -> list[str]:
@@ -481,11 +519,20 @@ def main(argv=None) -> None:
         config_file = config_flags.get_config_filename(f['config'])
         name = os.path.splitext(os.path.basename(config_file))[0]
         workdir = f.workdir or os.path.join('workdirs', name)
+        # Ctrl-C or SIGTERM (a preemption) stops the run between two steps, with the
+        # checkpoint in flight written; a second one stops it at once.
+        _STOP.clear()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _request_stop)
         try:
             train_and_evaluate(f.config, workdir)
         except (DatasetNotFoundError, WeightsError, CheckpointError, ConfigError,
                 DataError, TrainingDivergedError) as e:
             raise SystemExit(str(e)) from None
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+        except OSError as e:   # an unwritable workdir, a full disk: a line, no traceback
+            raise SystemExit(f'workdir {workdir}: {e}') from None
 
     if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in argv[1:]):
         # absl's own --help lists the flags of the module that sys.argv[0] names, none

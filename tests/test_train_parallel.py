@@ -9,6 +9,7 @@ same shapes compile once.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,3 +185,32 @@ def test_compilation_cache_setting(monkeypatch, tmp_path):
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', '')    # set empty: off, as JAX reads it
     assert compilation_cache.enable(str(tmp_path / 'c')) is None
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_keeps_the_epoch_just_saved_and_resumes_from_it(tmp_path, demo_root,
+                                                                          signum):
+    """Sent just after an epoch ends, while its checkpoint is still being written in the
+    background: the run waits for it, says where it stopped and exits 130; the same
+    command goes on from that epoch."""
+    workdir = tmp_path / 'stopped'
+    proc = subprocess.Popen(_command(workdir, demo_root, '--config.train.progress_bar=False'),
+                            cwd=REPO, env=_env(1), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('epoch 1:'):
+            proc.send_signal(signum)
+            break
+    out = ''.join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=600) == 130, out[-3000:]
+    found = re.search(rf'Interrupted: the latest checkpoint is step (\d+) in '
+                      rf'{workdir}/checkpoints; the same command resumes the run', out)
+    assert found, out[-3000:]
+    step = int(found.group(1))
+    epoch_end = [r['step'] for r in map(json.loads, open(workdir / 'metrics.jsonl'))
+                 if r['kind'] == 'validation'][0]
+    assert step >= epoch_end and str(step) in _committed_steps(workdir)   # epoch 1 is kept
+    run = _train(workdir, demo_root)
+    assert f'Resumed from step {step}' in run.stdout
