@@ -521,9 +521,12 @@ def main(argv=None) -> None:
         workdir = f.workdir or os.path.join('workdirs', name)
         # Ctrl-C or SIGTERM (a preemption) stops the run between two steps, with the
         # checkpoint in flight written; a second one stops it at once.
+        # Restored after: a notebook calling main keeps its own interrupt handling.
         _STOP.clear()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, _request_stop)
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, _request_stop)
         try:
             train_and_evaluate(f.config, workdir)
         except (DatasetNotFoundError, WeightsError, CheckpointError, ConfigError,
@@ -533,6 +536,9 @@ def main(argv=None) -> None:
             raise SystemExit(130) from None
         except OSError as e:   # an unwritable workdir, a full disk: a line, no traceback
             raise SystemExit(f'workdir {workdir}: {e}') from None
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     if any(arg in ('-h', '-?', '--help', '--helpshort') for arg in argv[1:]):
         # absl's own --help lists the flags of the module that sys.argv[0] names, none

@@ -289,6 +289,14 @@ def test_train_command_twice_in_one_process_with_usage_mistakes(tmp_path, demo_r
                          f'--config.data.root={demo_root}']) == 1
         err = capsys.readouterr().err
         assert f'workdir {afile} is a file' in err and 'Traceback' not in err
+        # A workdir that cannot be made (under a file): one line too.
+        assert cli.main(['train', '--config', smoke_file, '--workdir', str(afile / 'run'),
+                         f'--config.data.root={demo_root}']) == 1
+        err = capsys.readouterr().err
+        assert f'workdir {afile / "run"}: ' in err and 'Traceback' not in err
+    # The caller's interrupt handling is as it was.
+    import signal
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_a_fresh_run_refuses_a_workdir_with_an_earlier_runs_model(tmp_path, demo_root, no_data):
