@@ -89,6 +89,8 @@ class Progress:
     epoch_losses: list = dataclasses.field(default_factory=list)
     # What the run trains on (`train_split_fingerprint`): a resumed run must find the same.
     train_data: dict = dataclasses.field(default_factory=dict)
+    # Training time of the attempts before this one, up to their latest checkpoint.
+    train_seconds: float = 0.0
 
     def record_epoch(self, epoch: int, step: int, values: dict, patience: int) -> bool:
         """Adds an epoch's results; returns True if it is now the best epoch."""
@@ -292,9 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f'head {counts["head"]:,}; loss {config.train.loss}; workdir {workdir}')
 
     log = MetricLog(workdir, resume_step=step)
-    started = time.time()
+    started, earlier_seconds = time.time(), progress.train_seconds
 
     def save():
+        progress.train_seconds = earlier_seconds + time.time() - started
         checkpoints.save(step, params=state.params,
                          train_state=_train_items(state), data_iterators=feed.iterators,
                          progress=progress.to_json(), config=config_json,
@@ -365,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # work this stop keeps, so it finishes before the run ends.
         _stop(checkpoints, log, say)
         raise
-    train_seconds = time.time() - started
+    train_seconds = earlier_seconds + time.time() - started   # every attempt's
 
     # Test the best epoch (chosen on validation) on the test split and cross sets.
     state = state.replace(params=checkpoints.restore_params(progress.best_step, state.params))

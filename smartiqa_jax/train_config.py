@@ -79,6 +79,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for key in ('num_workers', 'split_seed'):
         if d[key] < 0:
             problems.append(f'data.{key} must be at least 0, got {d[key]}')
+    label_range = tuple(d.label_range or ())
+    try:
+        bad_range = bool(label_range) and not (len(label_range) == 2
+                                               and float(label_range[0]) < float(label_range[1]))
+    except (TypeError, ValueError):
+        bad_range = True
+    if bad_range:
+        problems.append(f'data.label_range must be () (the data\'s) or (low, high) numbers with '
+                        f'low < high, got {d.label_range}')
+    for group in ('backbone', 'head'):
+        for key in ('lr', 'min_lr', 'weight_decay'):
+            if config.optim[group][key] < 0:
+                problems.append(f'optim.{group}.{key} must be at least 0, got '
+                                f'{config.optim[group][key]}')
     if not 0 <= config.seed < 2**32:
         problems.append(f'seed must be in 0..2**32-1 (the data order is drawn from it), '
                         f'got {config.seed}')

@@ -66,6 +66,7 @@ def test_tiny_config_runs_the_trainer_end_to_end(tmp_path, demo_root):
     again = train.train_and_evaluate(config, str(tmp_path))
     assert again['results']['test'] == pytest.approx(summary['results']['test'], nan_ok=True)
     assert summary['calibration'] is None and not os.path.exists(tmp_path / 'model')
+    assert again['train_seconds'] >= 0.9 * summary['train_seconds'] > 0   # the first run's too
     names = ['test', f'csv {tmp_path.name}_a.csv (all)', f'csv {tmp_path.name}_b.csv (all)']
     assert list(again['results']) == names
     assert [again['results'][name]['images'] for name in names[1:]] == [6, 8]

@@ -58,6 +58,8 @@ def no_data(monkeypatch):
     ({'data__cross_datasets': 'spaq'}, "data.cross_datasets entry 'spaq' is not name=root"),
     ({'data__cross_datasets': 'spaq=/x, spaq=/x'}, 'data.cross_datasets lists spaq=/x twice'),
     ({'seed': -1}, r'seed must be in 0..2\*\*32-1 .*got -1'),
+    ({'data__label_range': (5.0, 1.0)}, r'data.label_range must be .* low < high, got \(5.0, 1.0\)'),
+    ({'data__label_range': ('a', 'b')}, r"data.label_range must be .*got \('a', 'b'\)"),
     ({'data__crop_size': 0}, "data.crop_size must be 224 .*got 0"),
     ({'data__resize': (256,)}, r'data.resize must be \(\) .* or \(height, width\)'),
     ({'data__resize': (10, 10)}, r'each at least data.crop_size 224; got \(10, 10\)'),
@@ -69,7 +71,8 @@ def no_data(monkeypatch):
     ({'data__eval_symmetries': 3}, 'data.eval_symmetries 3 is not one of 1, 2, 4, 8'),
     ({'train__batch_size': 3}, None),   # a valid odd batch on one device: no error
 ], ids=['loss', 'schedule_unit', 'log_every', 'keep', 'crop_mode', 'variant', 'attention',
-         'dataset', 'cross_name', 'cross_form', 'cross_twice', 'seed', 'crop_size', 'resize_one',
+         'dataset', 'cross_name', 'cross_form', 'cross_twice', 'seed', 'label_range',
+         'label_range_text', 'crop_size', 'resize_one',
          'resize_small', 'center_crops', 'workers', 'split_seed', 'dtype', 'symmetries', 'ok'])
 def test_config_mistakes_fail_before_any_data_is_read(change, message, tmp_path, demo_root,
                                                       no_data):
@@ -354,3 +357,11 @@ def test_a_csv_that_is_there_but_unusable_is_not_called_missing(tmp_path, demo_r
         train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert 'read with the columns image and score' in str(e.value)
     assert 'config.data.csv' not in str(e.value)
+
+
+def test_negative_rates_and_decay_are_refused():
+    config = smoke.get_config()
+    config.optim.backbone.lr, config.optim.head.weight_decay = -1.0, -0.1
+    with pytest.raises(ConfigError, match=r'optim.backbone.lr must be at least 0, got -1.0; '
+                                          r'optim.head.weight_decay must be at least 0'):
+        train_config.check_config(config)
