@@ -209,10 +209,11 @@ def trained_split_options(training_config: dict, key: str, root: str) -> Optiona
         return {}   # the official split
     if key != 'csv':
         return {'seed': int(data.get('split_seed') or 0)}
+    from smartiqa_jax.train_data import expand_path   # as the trainer read them
     trained_root = str(data.get('root', ''))
     if os.path.basename(trained_root) != os.path.basename(root):
         return None
-    same_file = _resolved(trained_root) == _resolved(root)
+    same_file = expand_path(trained_root) == expand_path(root)
     csv = data.get('csv') or {}
     options = {'seed': int(data.get('split_seed') or 0)}
     for option in ('image_column', 'score_column', 'split_column', 'group_column',
@@ -221,13 +222,8 @@ def trained_split_options(training_config: dict, key: str, root: str) -> Optiona
         if value in (None, '', [], ()) or (option == 'images_dir' and not same_file):
             continue
         options[option] = (tuple(value) if option == 'score_range' else
-                           _resolved(value) if option == 'images_dir' else value)
+                           expand_path(value) if option == 'images_dir' else value)
     return options
-
-
-def _resolved(path: str) -> str:
-    """`path` as the trainer reads it: ~ expanded, made absolute."""
-    return os.path.abspath(os.path.expanduser(path))
 
 
 def default_split(key: str, training_config: dict, trained: Optional[dict]) -> str:
